@@ -1,0 +1,1 @@
+"""KMCL: Kernel-based Multilabel Contrastive Learning in JAX/Flax."""
