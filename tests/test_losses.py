@@ -466,3 +466,36 @@ def test_reconstruction_keeps_gradients_where_kernels_underflow():
   np.testing.assert_allclose(float(rec(mu, 'official')),
                              ref_reconstruction_official(features, logits, mu, var, labels),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize('case,kind', [c for c in CASES if c != ('isotropic', 'mahalanobis')])
+@pytest.mark.parametrize('block_elements', [2**24, 50])
+def test_pairwise_gradients_match_autodiff_of_the_direct_formula(case, kind, block_elements,
+                                                                 monkeypatch):
+  # pairwise_log_similarity has a hand-written VJP (and row blocks for large batches; a tiny
+  # block budget forces them here). Compare with automatic differentiation of the textbook
+  # formula over the shared-variance shapes the KMM produces.
+  monkeypatch.setattr(losses, '_BLOCK_ELEMENTS', block_elements)
+  p = _problem(5, n=6, case=case, kind=kind)
+  mu, var = jnp.asarray(p['mu']), jnp.asarray(p['var'])
+  weights = jnp.asarray(np.random.default_rng(1).normal(0, 1, (6, 6, 4)), jnp.float32)
+  scale = 5.0 if case == 'isotropic' else 1.0
+
+  def direct(mu, var):
+    mu_p, var_p, mu_q, var_q = mu[:, None], var[:, None], mu[None], var[None]
+    terms = -0.25 * (mu_p - mu_q) ** 2 / (var_p + var_q)
+    if kind == 'bhattacharyya':
+      terms = terms - 0.5 * jnp.log((var_p + var_q) / (2 * jnp.sqrt(var_p * var_q)))
+    if case == 'anisotropic':
+      terms = jnp.sum(terms, axis=-1)
+    return jnp.sum(weights * scale * terms)
+
+  def ours(mu, var):
+    return jnp.sum(weights * losses.pairwise_log_similarity(mu=mu, var=var, feature_dim=5,
+                                                            kind=kind))
+
+  np.testing.assert_allclose(ours(mu, var), direct(mu, var), rtol=1e-5)
+  for got, want in zip(jax.grad(ours, argnums=(0, 1))(mu, var),
+                       jax.grad(direct, argnums=(0, 1))(mu, var)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
