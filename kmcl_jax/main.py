@@ -1,0 +1,30 @@
+"""Command line: python -m kmcl_jax.main --config=configs/adp.py --workdir=runs/adp [--config.x=y]
+
+Flags only; the work is `train.train_and_evaluate(config, workdir)`. The config is locked, so a
+misspelt `--config.key` is an error rather than a silently ignored setting.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from kmcl_jax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                          lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,475 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+Shape of a run (SPEC section 5):
+  1. Validate the config and open the data sources (before anything is compiled).
+  2. One mesh over all devices; the batch is sharded on 'data', parameters are replicated, and
+     each process feeds only its shard of the global batch. The contrastive loss sees the
+     global batch (XLA gathers the kernels across devices).
+  3. State: resume from workdir/checkpoints/latest if present, else `init_from` weights, else
+     from scratch. Initialisation goes through `jax.eval_shape` and `jax.jit(out_shardings=...)`.
+  4. A jitted, donated, pure train step; non-finite loss or gradients leave the state unchanged
+     and count a skipped step (as the authors' code does).
+  5. Every `eval_every_epochs`: model and EMA on the selection split, full metric report,
+     checkpoints (latest, and best by validation mAP).
+  6. At the end: the selected checkpoint on the test split -> results.json, and export/.
+
+Only process 0 writes logs and files; every process runs the same program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+import tqdm
+
+from kmcl_jax import checkpoint as checkpoint_lib
+from kmcl_jax import data as data_lib
+from kmcl_jax import losses
+from kmcl_jax import metrics as metrics_lib
+from kmcl_jax import optim
+from kmcl_jax.data import pipeline
+from kmcl_jax.models import ENCODERS, KMCLModel
+from kmcl_jax.writer import MetricWriter
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+EXPORT_CHOICES = ('best', 'ema', 'model')
+
+
+# ------------------------------------------------------------------------------ config checks
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, with one message naming the setting, on config errors a user can make."""
+  def fail(message):
+    raise ValueError(f'config error: {message}')
+
+  if config.dataset.name not in data_lib.SOURCES:
+    fail(f'dataset.name={config.dataset.name!r} is not one of {data_lib.SOURCES}.')
+  if config.dataset.name not in ('synthetic', 'tfds'):
+    if not config.dataset.root:
+      fail(f'dataset.root is empty; dataset {config.dataset.name!r} needs its folder '
+           '(see README "Datasets").')
+    if not os.path.isdir(config.dataset.root):
+      fail(f'dataset.root={config.dataset.root!r} is not a directory.')
+  if config.model.name not in ENCODERS:
+    fail(f'model.name={config.model.name!r} is not one of {sorted(ENCODERS)}.')
+  if config.model.image_size <= 0 or config.model.image_size % 32:
+    fail(f'model.image_size={config.model.image_size} must be a positive multiple of 32 '
+         '(TResNet downsamples by 32).')
+  if config.model.dtype not in DTYPES:
+    fail(f'model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.')
+  if config.model.kind != config.loss.kind:
+    fail(f'model.kind={config.model.kind!r} and loss.kind={config.loss.kind!r} differ; the '
+         'KMM variance shape must match the similarity.')
+  if config.dataset.normalization not in pipeline.NORMALIZATION:
+    fail(f'dataset.normalization={config.dataset.normalization!r} is not one of '
+         f'{sorted(pipeline.NORMALIZATION)}.')
+  devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    value = config[key]
+    if value <= 0 or value % devices:
+      fail(f'{key}={value} must be a positive multiple of the device count ({devices}).')
+  if config.export_weights not in EXPORT_CHOICES:
+    fail(f'export_weights={config.export_weights!r} is not one of {EXPORT_CHOICES}.')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    fail('set num_epochs > 0 or num_train_steps > 0.')
+  if config.init_from and not os.path.exists(config.init_from):
+    fail(f'init_from={config.init_from!r} does not exist (make it with python -m '
+         'kmcl_jax.convert).')
+  try:
+    losses.LossConfig.from_mapping(config.loss.to_dict()).resolved()
+  except ValueError as e:
+    fail(f'loss: {e}')
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class _Holdout:
+  """A fixed subset of a source (by index), keeping the source's class names."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = indices
+    self.class_names = source.class_names
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    return f'Holdout({self._source!r}, {len(self)} records)'
+
+
+def _holdout_split(source, fraction: float, seed: int):
+  """(train, val): a seeded `fraction` of `source` held out for model selection."""
+  order = np.random.default_rng(seed).permutation(len(source))
+  n_val = max(1, int(round(fraction * len(source))))
+  return _Holdout(source, np.sort(order[n_val:])), _Holdout(source, np.sort(order[:n_val]))
+
+
+HOLDOUT_FRACTION = 0.05  # of the train split, for datasets without a validation split
+
+
+def open_sources(config):
+  """(train, val or None, test) sources for the config's dataset."""
+  ds = config.dataset
+  options = ds.options.to_dict()
+
+  def get(split):
+    return data_lib.get_source(ds.name, root=ds.root or None, split=split, **options)
+
+  train, test = get(ds.train_split), get(ds.test_split)
+  if ds.val_split == 'holdout':
+    train, val = _holdout_split(train, HOLDOUT_FRACTION, config.seed)
+  else:
+    val = get(ds.val_split) if ds.val_split else None
+  if ds.select_on_test:
+    val = test
+  for name, source in (('train', train), ('val', val), ('test', test)):
+    if source is not None and tuple(source.class_names) != tuple(train.class_names):
+      raise ValueError(f'the {name} split has classes {source.class_names}, the train split '
+                       f'{train.class_names}.')
+  return train, val, test
+
+
+# ------------------------------------------------------------------------------ model and state
+
+
+def create_model(config, num_classes: int, seed: int) -> KMCLModel:
+  return KMCLModel(config.model.name, num_classes, kind=config.model.kind,
+                   anisotropic=config.model.anisotropic, reduced_dim=config.model.reduced_dim,
+                   asl_only=config.loss.asl_only, dtype=DTYPES[config.model.dtype],
+                   rngs=nnx.Rngs(seed), **config.model.overrides.to_dict())
+
+
+def total_steps(config, train_size: int) -> tuple[int, int]:
+  """(total train steps, steps per epoch); durations are turned into steps once, here."""
+  steps_per_epoch = max(1, train_size // config.batch_size)
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps), steps_per_epoch
+  return int(math.ceil(config.num_epochs * steps_per_epoch)), steps_per_epoch
+
+
+def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+  o = config.optim
+  return optim.make_optimizer(
+      total_steps=num_steps, peak_lr=o.peak_lr, weight_decay=o.weight_decay,
+      pct_start=o.pct_start, div_factor=o.div_factor, final_div_factor=o.final_div_factor,
+      base_beta1=o.base_beta1, max_beta1=o.max_beta1, beta2=o.beta2, eps=o.eps)
+
+
+def init_state(model_fn, optimizer) -> dict[str, Any]:
+  """The train state pytree built from a fresh model (call under jit)."""
+  model = model_fn()
+  params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
+  return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+              opt_state=optimizer.init(params), ema_params=params, ema_batch_stats=batch_stats,
+              skipped=jnp.zeros((), jnp.int32), best_val_map=jnp.full((), -1.0, jnp.float32))
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
+def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossConfig,
+               ema_decay: float, mean, std):
+  """One optimisation step on a (global) batch; returns (new_state, metrics)."""
+  images = pipeline.normalize(batch['image'], mean, std)
+
+  def loss_fn(params):
+    # copy: fresh Variables at this trace level, so BatchNorm may update its statistics.
+    model = nnx.merge(graphdef, params, state['batch_stats'], copy=True)
+    out = model(images)
+    loss, aux = losses.kmcl_objective(features=out['features'], head=out,
+                                      labels=batch['labels'], config=loss_config)
+    return loss, (aux, nnx.state(model, nnx.BatchStat))
+
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state['params'])
+  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  grad_norm = _global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  updated = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                 ema_params=optim.ema_update(state['ema_params'], params, ema_decay),
+                 ema_batch_stats=optim.ema_update(state['ema_batch_stats'], batch_stats,
+                                                  ema_decay))
+  new_state = dict(state, **keep_if_finite(updated, {k: state[k] for k in updated}))
+  new_state['step'] = state['step'] + 1
+  new_state['skipped'] = state['skipped'] + (~finite).astype(jnp.int32)
+  hparams = optim.current_hparams(new_state['opt_state'])
+  metrics = dict(aux, grad_norm=grad_norm, param_norm=_global_norm(new_state['params']),
+                 learning_rate=hparams['learning_rate'], beta1=hparams['beta1'],
+                 skipped_steps=new_state['skipped'])
+  return new_state, metrics
+
+
+def predict_step(params, batch_stats, images, *, graphdef, mean, std):
+  """Class probabilities sigmoid(pi_logits) in inference mode (running BN statistics)."""
+  model = nnx.merge(graphdef, params, batch_stats)
+  out = model(pipeline.normalize(images, mean, std))
+  return jax.nn.sigmoid(out['pi_logits'].astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the state: compiled steps, shardings, data, writers."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  data_sharding: NamedSharding
+  train_step: Any
+  predict_step: Any
+  class_names: tuple[str, ...]
+
+
+def _to_global(run: _Run, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(run.data_sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def evaluate(run: _Run, state, source, *, desc: str) -> dict[str, dict[str, Any]]:
+  """Full metric reports of the model and its EMA on `source` (every example exactly once)."""
+  config = run.config
+  per_process = config.eval_batch_size // jax.process_count()
+  scores = {'model': [], 'ema': []}
+  labels, difficult = [], []
+  batches = pipeline.eval_batches(source, batch_size=per_process,
+                                  image_size=config.model.image_size)
+  for local in tqdm.tqdm(batches, desc=desc, leave=False, disable=jax.process_index() != 0):
+    images = _to_global(run, {'image': local['image']})['image']
+    for name, (p, s) in (('model', ('params', 'batch_stats')),
+                         ('ema', ('ema_params', 'ema_batch_stats'))):
+      probs = run.predict_step(state[p], state[s], images)
+      scores[name].append(multihost_utils.process_allgather(probs, tiled=True))
+    host = multihost_utils.process_allgather(
+        {k: local[k] for k in ('labels', 'difficult', 'mask')}, tiled=True)
+    labels.append(host['labels'][host['mask']])
+    difficult.append(host['difficult'][host['mask']])
+    mask = host['mask']
+    for name in scores:
+      scores[name][-1] = np.asarray(scores[name][-1])[mask]
+  labels, difficult = np.concatenate(labels), np.concatenate(difficult)
+  return {name: metrics_lib.evaluation_report(
+      np.concatenate(s), labels, difficult=difficult, threshold=config.eval.threshold,
+      top_k=config.eval.top_k, with_auc=config.eval.with_auc, class_names=run.class_names)
+          for name, s in scores.items()}
+
+
+def _scalars(report: dict[str, Any]) -> dict[str, float]:
+  return {k: v for k, v in report.items() if isinstance(v, (int, float))}
+
+
+def _print_table(results: dict[str, dict[str, Any]], split: str) -> None:
+  keys = [k for k in ('mAP', 'mAUC', 'CP', 'CR', 'CF1', 'OP', 'OR', 'OF1', 'CP_top3', 'CR_top3',
+                      'CF1_top3', 'OP_top3', 'OR_top3', 'OF1_top3') if k in results['model']]
+  lines = [f'{split} results (threshold {results["model"]["threshold"]}):',
+           f'  {"metric":10s} {"model":>8s} {"ema":>8s}']
+  lines += [f'  {k:10s} {results["model"][k]:8.2f} {results["ema"][k]:8.2f}' for k in keys]
+  print('\n'.join(lines), flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and exports as the config says; returns the results.json content."""
+  validate_config(config)
+  train_src, val_src, test_src = open_sources(config)
+  class_names = tuple(train_src.class_names)
+  num_steps, steps_per_epoch = total_steps(config, len(train_src))
+  eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+  optimizer = make_optimizer(config, num_steps)
+  model_fn = functools.partial(create_model, config, len(class_names), config.seed)
+
+  abstract_model = nnx.eval_shape(model_fn)
+  abstract_model.train()
+  train_graphdef = nnx.graphdef(abstract_model)
+  abstract_model.eval()
+  eval_graphdef = nnx.graphdef(abstract_model)
+  abstract_state = jax.eval_shape(functools.partial(init_state, model_fn, optimizer))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state, state_sharding)
+
+  mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
+  loss_config = losses.LossConfig.from_mapping(config.loss.to_dict())
+  run = _Run(
+      config=config, mesh=mesh, data_sharding=data_sharding, class_names=class_names,
+      train_step=jax.jit(
+          functools.partial(train_step, graphdef=train_graphdef, optimizer=optimizer,
+                            loss_config=loss_config, ema_decay=config.ema_decay,
+                            mean=mean, std=std),
+          out_shardings=(state_sharding, replicated), donate_argnums=0),
+      predict_step=jax.jit(functools.partial(predict_step, graphdef=eval_graphdef,
+                                             mean=mean, std=std),
+                           out_shardings=data_sharding))
+
+  per_process_batch = config.batch_size // jax.process_count()
+  train_iter = pipeline.train_iterator(
+      train_src, batch_size=per_process_batch, image_size=config.model.image_size,
+      augment=config.dataset.augment, seed=config.seed,
+      difficult_as_positive=config.dataset.difficult_as_positive,
+      worker_count=config.dataset.worker_count, skip_unreadable=config.dataset.skip_unreadable)
+
+  ckpt = checkpoint_lib.Checkpoints(workdir)
+  # Resume order: this workdir's latest checkpoint -> init_from weights -> from scratch.
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore('latest', abstract_state, train_iter)
+    logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
+  else:
+    state = jax.jit(functools.partial(init_state, model_fn, optimizer),
+                    out_shardings=state_sharding)()
+    if config.init_from:
+      state = _load_init_from(config, state, model_fn, optimizer, state_sharding)
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  stop = {'signal': None}
+  previous_handler = signal.signal(signal.SIGTERM,
+                                   lambda signum, frame: stop.update(signal=signum))
+  step = int(state['step'])
+  try:
+    with tqdm.tqdm(total=num_steps, initial=step, desc='train', disable=not is_main,
+                   dynamic_ncols=True) as bar:
+      window_start, window_images = time.perf_counter(), 0
+      while step < num_steps:
+        batch = _to_global(run, next(train_iter))
+        state, metrics = run.train_step(state, batch)
+        step += 1
+        window_images += config.batch_size
+        bar.update(1)
+        if step % config.log_every_steps == 0 or step == num_steps:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - window_start
+          line = {f'train/{k}': float(v) for k, v in metrics.items()}
+          line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
+          line['train/epoch'] = step / steps_per_epoch
+          writer.write(step, line)
+          bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
+                          img_s=f'{line["train/images_per_sec"]:.0f}')
+          window_start, window_images = time.perf_counter(), 0
+        if step % eval_every == 0 or step == num_steps:
+          state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
+        elif step % config.checkpoint_every_steps == 0:
+          ckpt.save_latest(step, state, train_iter)
+        if stop['signal'] is not None:
+          logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
+          ckpt.save_latest(step, state, train_iter)
+          ckpt.wait()
+          raise SystemExit(128 + signal.SIGTERM)
+    ckpt.save_latest(step, state, train_iter)
+    ckpt.wait()
+    if pipeline.skipped_count():
+      logging.warning('%d unreadable images were skipped.', pipeline.skipped_count())
+    results = _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer)
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    writer.close()
+    ckpt.close()
+  return results
+
+
+def _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step):
+  """Evaluate on the selection split, log, and checkpoint (latest; best when it improves)."""
+  ckpt.save_latest(step, state, train_iter)
+  if val_src is None:
+    return state
+  reports = evaluate(run, state, val_src, desc=f'eval@{step}')
+  line = {f'eval/{name}/{k}': v for name, r in reports.items() for k, v in _scalars(r).items()}
+  writer.write(step, line)
+  val_map = max(reports['model']['mAP'], reports['ema']['mAP'])
+  if val_map > float(state['best_val_map']):
+    state = dict(state, best_val_map=jnp.asarray(val_map, jnp.float32))
+    ckpt.save_best(step, state, train_iter, val_map)
+    ckpt.save_latest(step, state, train_iter)  # the latest must know the new best too
+  return state
+
+
+def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer):
+  """Test evaluation with the selected checkpoint, results.json and export/."""
+  config = run.config
+  ckpt.wait()
+  best_step = ckpt.best_step() if val_src is not None else None
+  if best_step is not None and best_step != int(state['step']):
+    selected = ckpt.restore('best', abstract_state)
+  else:
+    selected, best_step = state, int(state['step'])
+  reports = evaluate(run, selected, test_src, desc='test')
+  writer.write(int(state['step']), {f'test/{name}/{k}': v for name, r in reports.items()
+                                    for k, v in _scalars(r).items()})
+  results = {'best_step': int(best_step),
+             'eval_split': config.dataset.val_split or config.dataset.test_split,
+             'test_split': config.dataset.test_split,
+             'skipped_steps': int(state['skipped']),
+             'test': reports}
+  better = 'ema' if reports['ema']['mAP'] >= reports['model']['mAP'] else 'model'
+  source = better if config.export_weights == 'best' else config.export_weights
+  prefix = 'ema_' if source == 'ema' else ''
+  weights = {'params': selected[prefix + 'params'],
+             'batch_stats': selected[prefix + 'batch_stats']}
+  mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
+  checkpoint_lib.export(os.path.join(workdir, 'export'), weights, {
+      'model': config.model.name, 'image_size': config.model.image_size,
+      'encoder_overrides': config.model.overrides.to_dict(),
+      'kmm': {'kind': config.model.kind, 'anisotropic': config.model.anisotropic,
+              'reduced_dim': config.model.reduced_dim, 'asl_only': config.loss.asl_only},
+      'normalization': {'name': config.dataset.normalization, 'mean': list(mean),
+                        'std': list(std)},
+      'class_names': list(run.class_names), 'weights': source, 'step': int(best_step),
+      'dtype': config.model.dtype})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=1)
+    _print_table(reports, config.dataset.test_split)
+  return results
+
+
+def _load_init_from(config, state, model_fn, optimizer, state_sharding):
+  """Pretrained weights into a fresh state (fails loudly on any mismatch)."""
+  from kmcl_jax import convert  # only needed here; keeps start-up light
+
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(model_fn)), state['params'],
+                    state['batch_stats'])
+  info = convert.load_pretrained(model, config.init_from, load_head=config.init_head)
+  logging.info('Initialised from %s (%s).', config.init_from, info)
+  params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
+  loaded = dict(state, params=params, batch_stats=batch_stats, ema_params=params,
+                ema_batch_stats=batch_stats, opt_state=jax.jit(optimizer.init)(params))
+  return jax.device_put(loaded, state_sharding)

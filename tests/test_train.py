@@ -1,0 +1,176 @@
+"""The main job on the synthetic smoke config, over 8 CPU devices (see conftest.py)."""
+
+import functools
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import synthetic
+from kmcl_jax import losses
+from kmcl_jax import train
+
+
+def _config(**changes):
+  config = synthetic.get_config('smoke')
+  for key, value in changes.items():
+    target = config
+    *path, leaf = key.split('.')
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+def _latest_params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', 'latest', str(step), 'state'))
+  return state['params'], state['step']
+
+
+def test_smoke_run_writes_every_output(tmp_path):
+  assert jax.device_count() == 8
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(_config(), workdir)
+
+  config = json.load(open(os.path.join(workdir, 'config.json')))
+  assert config['dataset']['name'] == 'synthetic' and config['batch_size'] == 8
+
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_lines = [l for l in lines if 'train/loss' in l]
+  assert [l['step'] for l in train_lines] == [1, 2, 3]
+  for key in ('train/loss', 'train/rec', 'train/asl', 'train/kmcl', 'train/learning_rate',
+              'train/grad_norm', 'train/skipped_steps', 'train/images_per_sec'):
+    assert all(np.isfinite(l[key]) for l in train_lines), key
+  eval_lines = [l for l in lines if 'eval/model/mAP' in l]
+  assert eval_lines and 0 <= eval_lines[-1]['eval/ema/mAP'] <= 100
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+
+  assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['3']
+  assert os.listdir(os.path.join(workdir, 'checkpoints', 'best')) == ['3']
+
+  saved = json.load(open(os.path.join(workdir, 'results.json')))
+  assert saved == json.loads(json.dumps(results))
+  assert saved['best_step'] == 3 and saved['eval_split'] == 'val'
+  for name in ('model', 'ema'):
+    report = saved['test'][name]
+    for key in ('mAP', 'OP', 'OR', 'OF1', 'CP', 'CR', 'CF1', 'OP_top3', 'CF1_top3'):
+      assert 0 <= report[key] <= 100, (name, key)
+    assert len(report['AP']) == 10
+
+  model_json = json.load(open(os.path.join(workdir, 'export', 'model.json')))
+  assert model_json['model'] == 'tresnet_m' and model_json['image_size'] == 64
+  assert len(model_json['class_names']) == 10
+  assert model_json['normalization']['name'] == 'imagenet'
+  weights = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'export', 'weights'))
+  assert set(weights) == {'params', 'batch_stats'}
+
+
+def test_restart_continues_like_an_uninterrupted_run(tmp_path, monkeypatch):
+  config = _config(num_train_steps=4, checkpoint_every_steps=100, eval_every_epochs=100.0)
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+
+  # Preemption: SIGTERM arrives while step 2 runs; the run checkpoints step 2 and exits.
+  real_to_global = train._to_global
+  calls = {'train': 0}
+
+  def to_global_with_sigterm(run, batch):
+    if 'labels' in batch:
+      calls['train'] += 1
+      if calls['train'] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_to_global(run, batch)
+
+  resumed = str(tmp_path / 'resumed')
+  monkeypatch.setattr(train, '_to_global', to_global_with_sigterm)
+  with pytest.raises(SystemExit):
+    train.train_and_evaluate(config, resumed)
+  monkeypatch.setattr(train, '_to_global', real_to_global)
+  assert os.listdir(os.path.join(resumed, 'checkpoints', 'latest')) == ['2']
+  train.train_and_evaluate(config, resumed)
+
+  want, step_a = _latest_params(straight, 4)
+  got, step_b = _latest_params(resumed, 4)
+  assert int(step_a) == int(step_b) == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), want, got)
+  losses_a = [json.loads(l).get('train/loss') for l in open(os.path.join(straight,
+                                                                         'metrics.jsonl'))]
+  losses_b = [json.loads(l).get('train/loss') for l in open(os.path.join(resumed,
+                                                                         'metrics.jsonl'))]
+  assert [x for x in losses_a if x] == pytest.approx([x for x in losses_b if x], rel=1e-6)
+
+
+def _step_fixture(config):
+  model_fn = functools.partial(train.create_model, config, 10, 0)
+  optimizer = train.make_optimizer(config, 10)
+  abstract = nnx.eval_shape(model_fn)
+  abstract.train()
+  step = functools.partial(train.train_step, graphdef=nnx.graphdef(abstract),
+                           optimizer=optimizer, loss_config=losses.LossConfig(),
+                           ema_decay=0.9, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  state = jax.jit(functools.partial(train.init_state, model_fn, optimizer))()
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+           'labels': (rng.random((8, 10)) < 0.3).astype(np.float32)}
+  return state, step, batch
+
+
+def test_one_device_and_eight_devices_give_the_same_step():
+  state, step, batch = _step_fixture(_config())
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    placed_state = jax.device_put(state, replicated)
+    placed_batch = jax.device_put(batch, sharded)
+    new_state, metrics = jax.jit(step)(placed_state, placed_batch)
+    results.append(jax.device_get((new_state['params'], new_state['batch_stats'], metrics)))
+  (params_1, stats_1, metrics_1), (params_8, stats_8, metrics_8) = results
+  # Tolerance: the 8-device run sums the batch statistics and gradients in another order.
+  np.testing.assert_allclose(metrics_1['loss'], metrics_8['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_1, params_8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               stats_1, stats_8)
+
+
+def test_non_finite_batch_leaves_the_state_unchanged():
+  state, step, batch = _step_fixture(_config())
+  step = jax.jit(step)
+  good_state, _ = step(state, batch)
+  bad = dict(batch, labels=np.full_like(batch['labels'], np.nan))
+  new_state, metrics = step(good_state, bad)
+  assert not np.isfinite(float(metrics['loss']))
+  assert int(new_state['skipped']) == 1 and int(good_state['skipped']) == 0
+  assert int(new_state['step']) == 2
+  for key in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(good_state[key]),
+                 jax.device_get(new_state[key]))
+
+
+@pytest.mark.parametrize('changes,message', [
+    ({'dataset.name': 'imagenet'}, 'dataset.name'),
+    ({'model.image_size': 100}, 'multiple of 32'),
+    ({'batch_size': 12}, 'device count'),
+    ({'dataset.name': 'adp', 'dataset.root': ''}, 'dataset.root'),
+    ({'dataset.name': 'adp', 'dataset.root': '/nonexistent/adp'}, '/nonexistent/adp'),
+    ({'init_from': '/nonexistent/weights'}, '/nonexistent/weights'),
+    ({'model.name': 'resnet50'}, 'model.name'),
+    ({'model.dtype': 'float16'}, 'model.dtype'),
+    ({'loss.variant': 'authors'}, 'variant'),
+    ({'model.kind': 'gaussian'}, 'model.kind'),
+])
+def test_config_errors_fail_before_compiling(changes, message, tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled before the check'))
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_config(**changes), str(tmp_path / 'run'))
