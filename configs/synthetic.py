@@ -29,9 +29,9 @@ def get_config(variant: str = ''):
   c.ema_decay = 0.99                  # few hundred steps: the paper's 0.9997 would lag
   c.batch_size = 32
   c.eval_batch_size = 128
-  c.num_epochs = 6.0
-  c.eval_every_epochs = 2.0
-  c.log_every_steps = 20
+  c.num_epochs = 20.0
+  c.eval_every_epochs = 5.0
+  c.log_every_steps = 100
   c.checkpoint_every_steps = 200
   if variant == 'smoke':
     c.dataset.options.num_examples = 64

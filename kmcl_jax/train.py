@@ -366,34 +366,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    lambda signum, frame: stop.update(signal=signum))
   step = int(state['step'])
   try:
-    with tqdm.tqdm(total=num_steps, initial=step, desc='train', disable=not is_main,
-                   dynamic_ncols=True) as bar:
-      window_start, window_images = time.perf_counter(), 0
-      while step < num_steps:
-        batch = _to_global(run, next(train_iter))
-        state, metrics = run.train_step(state, batch)
-        step += 1
-        window_images += config.batch_size
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == num_steps:
-          metrics = jax.device_get(metrics)
-          elapsed = time.perf_counter() - window_start
-          line = {f'train/{k}': float(v) for k, v in metrics.items()}
-          line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
-          line['train/epoch'] = step / steps_per_epoch
-          writer.write(step, line)
-          bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
-                          img_s=f'{line["train/images_per_sec"]:.0f}')
-          window_start, window_images = time.perf_counter(), 0
-        if step % eval_every == 0 or step == num_steps:
-          state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
-        elif step % config.checkpoint_every_steps == 0:
-          ckpt.save_latest(step, state, train_iter)
-        if stop['signal'] is not None:
-          logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
-          ckpt.save_latest(step, state, train_iter)
-          ckpt.wait()
-          raise SystemExit(128 + signal.SIGTERM)
+    bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=is_main)
+    window_start, window_images = time.perf_counter(), 0
+    while step < num_steps:
+      batch = _to_global(run, next(train_iter))
+      state, metrics = run.train_step(state, batch)
+      step += 1
+      window_images += config.batch_size
+      bar.update(1)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        line = {f'train/{k}': float(v) for k, v in metrics.items()}
+        line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
+        line['train/epoch'] = step / steps_per_epoch
+        writer.write(step, line)
+        bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
+                        img_s=f'{line["train/images_per_sec"]:.0f}')
+        window_start, window_images = time.perf_counter(), 0
+      if step % eval_every == 0 or step == num_steps:
+        state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
+      elif step % config.checkpoint_every_steps == 0:
+        ckpt.save_latest(step, state, train_iter)
+      if stop['signal'] is not None:
+        logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
+        ckpt.save_latest(step, state, train_iter)
+        ckpt.wait()
+        raise SystemExit(128 + signal.SIGTERM)
+      if bar.n >= bar.total and step < num_steps:
+        bar.close()
+        bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=is_main)
+    bar.close()
     ckpt.save_latest(step, state, train_iter)
     ckpt.wait()
     if pipeline.skipped_count():
@@ -406,19 +409,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
+def _epoch_bar(step: int, num_steps: int, steps_per_epoch: int, *, enabled: bool):
+  """A progress bar over the steps of the epoch that contains `step`."""
+  epoch = step // steps_per_epoch
+  start = epoch * steps_per_epoch
+  total = min(start + steps_per_epoch, num_steps) - start
+  return tqdm.tqdm(total=total, initial=step - start, disable=not enabled, dynamic_ncols=True,
+                   desc=f'epoch {epoch + 1}/{math.ceil(num_steps / steps_per_epoch)}')
+
+
 def _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step):
   """Evaluate on the selection split, log, and checkpoint (latest; best when it improves)."""
+  if val_src is not None:
+    reports = evaluate(run, state, val_src, desc=f'eval@{step}')
+    writer.write(step, {f'eval/{name}/{k}': v for name, r in reports.items()
+                        for k, v in _scalars(r).items()})
+    val_map = max(reports['model']['mAP'], reports['ema']['mAP'])
+    if val_map > float(state['best_val_map']):
+      best = jax.device_put(np.float32(val_map), NamedSharding(run.mesh, P()))
+      state = dict(state, best_val_map=best)
+      ckpt.save_best(step, state, train_iter, val_map)
   ckpt.save_latest(step, state, train_iter)
-  if val_src is None:
-    return state
-  reports = evaluate(run, state, val_src, desc=f'eval@{step}')
-  line = {f'eval/{name}/{k}': v for name, r in reports.items() for k, v in _scalars(r).items()}
-  writer.write(step, line)
-  val_map = max(reports['model']['mAP'], reports['ema']['mAP'])
-  if val_map > float(state['best_val_map']):
-    state = dict(state, best_val_map=jnp.asarray(val_map, jnp.float32))
-    ckpt.save_best(step, state, train_iter, val_map)
-    ckpt.save_latest(step, state, train_iter)  # the latest must know the new best too
   return state
 
 

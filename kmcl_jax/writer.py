@@ -15,6 +15,10 @@ from absl import logging
 import tensorboardX
 
 
+# The terminal log shows these; metrics.jsonl and TensorBoard get everything.
+_LOGGED = ('/loss', '/mAP', '/mAUC', '/learning_rate', '/images_per_sec', '/skipped_steps')
+
+
 def _jsonable(value: Any) -> Any:
   value = float(value) if hasattr(value, '__float__') else value
   return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -42,8 +46,7 @@ class MetricWriter:
         self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
     shown = ', '.join(f'{k}={v:.4g}' for k, v in line.items()
-                      if k != 'step' and isinstance(v, float) and k.count('/') <= 2
-                      and not k.split('/')[-1].startswith(('AP', 'AUC')))
+                      if isinstance(v, float) and k.endswith(_LOGGED))
     logging.info('step %d: %s', step, shown)
 
   def close(self) -> None:
