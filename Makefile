@@ -2,27 +2,33 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime-installed
+TESTDEPS := $(VENV)/.test-installed
 
 .PHONY: venv test demo bench clean
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(RUNTIME): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
-	touch $(STAMP)
+	touch $@
 
-venv: $(STAMP)
+$(TESTDEPS): $(RUNTIME) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
 
-test: $(STAMP)
+venv: $(RUNTIME)
+
+test: $(TESTDEPS)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(PY) -m kmcl_jax.benchmarks.losses
+	$(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -329,6 +329,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, state_sharding)
 
+  if config.init_from:
+    # A mismatching checkpoint is a config error: find it on the abstract model, before any
+    # compilation (load_pretrained checks every key and shape).
+    _pretrained(config, nnx.eval_shape(model_fn))
+
   mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
   loss_config = losses.LossConfig.from_mapping(config.loss.to_dict())
   run = _Run(
@@ -472,14 +477,19 @@ def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer
   return results
 
 
-def _load_init_from(config, state, model_fn, optimizer, state_sharding):
-  """Pretrained weights into a fresh state (fails loudly on any mismatch)."""
+def _pretrained(config, model: KMCLModel) -> dict:
+  """Writes the `init_from` weights into `model` in place; fails loudly on any mismatch."""
   from kmcl_jax import convert  # only needed here; keeps start-up light
 
+  return convert.load_pretrained(model, config.init_from, load_head=config.init_head)
+
+
+def _load_init_from(config, state, model_fn, optimizer, state_sharding):
+  """A fresh train state whose parameters (and EMA) start from the `init_from` weights."""
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(model_fn)), state['params'],
                     state['batch_stats'])
-  info = convert.load_pretrained(model, config.init_from, load_head=config.init_head)
-  logging.info('Initialised from %s (%s).', config.init_from, info)
+  info = _pretrained(config, model)
+  logging.info('Initialised from %s (%s).', config.init_from, info.get('variant'))
   params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
   loaded = dict(state, params=params, batch_stats=batch_stats, ema_params=params,
                 ema_batch_stats=batch_stats, opt_state=jax.jit(optimizer.init)(params))

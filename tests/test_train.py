@@ -174,3 +174,60 @@ def test_config_errors_fail_before_compiling(changes, message, tmp_path, monkeyp
   monkeypatch.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled before the check'))
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(_config(**changes), str(tmp_path / 'run'))
+
+
+@pytest.fixture(scope='module')
+def converted_smoke_encoder(tmp_path_factory):
+  """A timm TResNet in the smoke config's layout, converted by `kmcl_jax.convert`."""
+  from safetensors.numpy import save_file
+
+  import timm_reference
+  from kmcl_jax import convert
+
+  layout = dict(layers=(1, 1, 1, 1), width_factor=0.125)
+  model = timm_reference.timm_tresnet(seed=3, num_classes=1000, **dict(layout,
+                                                                       layers=[1, 1, 1, 1]))
+  root = tmp_path_factory.mktemp('weights')
+  save_file(timm_reference.state_dict_numpy(model), str(root / 'tiny.safetensors'))
+  convert.convert(root / 'tiny.safetensors', root / 'converted', 'tresnet_m', source='timm',
+                  **layout)
+  return str(root / 'converted'), timm_reference.state_dict_numpy(model)
+
+
+def test_init_from_loads_the_converted_encoder(converted_smoke_encoder):
+  path, torch_state = converted_smoke_encoder
+  config = _config(init_from=path)
+  model_fn = functools.partial(train.create_model, config, 10, 0)
+  optimizer = train.make_optimizer(config, 10)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  state = jax.jit(functools.partial(train.init_state, model_fn, optimizer))()
+  state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  loaded = train._load_init_from(config, state, model_fn, optimizer, state_sharding)
+  # The stem conv, OIHW in torch, HWIO here; the EMA starts from the same weights.
+  stem = torch_state['body.conv1.conv.weight'].transpose(2, 3, 1, 0)
+  for key in ('params', 'ema_params'):
+    np.testing.assert_array_equal(loaded[key]['encoder']['conv1']['conv']['kernel'], stem)
+  np.testing.assert_array_equal(loaded['batch_stats']['encoder']['conv1']['bn']['mean'],
+                                torch_state['body.conv1.bn.running_mean'])
+
+
+def test_init_from_mismatch_fails_before_compiling(converted_smoke_encoder, tmp_path,
+                                                   monkeypatch):
+  path, _ = converted_smoke_encoder
+  monkeypatch.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled before the check'))
+  config = _config(init_from=path)
+  config.model.overrides.width_factor = 0.25  # the checkpoint holds width 0.125
+  with pytest.raises(ValueError, match='shape mismatches'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_bfloat16_compute_keeps_float32_state_and_losses():
+  state, step, batch = _step_fixture(_config(**{'model.dtype': 'bfloat16'}))
+  new_state, metrics = jax.jit(step)(state, batch)
+  assert all(np.isfinite(float(metrics[k])) for k in ('loss', 'rec', 'asl', 'kmcl'))
+  assert metrics['loss'].dtype == jnp.float32
+  for key in ('params', 'batch_stats', 'ema_params'):
+    dtypes = {x.dtype for x in jax.tree.leaves(new_state[key])}
+    assert dtypes == {jnp.dtype(jnp.float32)}, (key, dtypes)
+  assert int(new_state['skipped']) == 0
