@@ -20,6 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.root = ''                 # dataset folder (see README 'Datasets')
   c.dataset.train_split = 'train'
   c.dataset.val_split = ''            # model selection split; '' = select on the final epoch
+  c.dataset.holdout_fraction = 0.05   # of train, held out when val_split = 'holdout'
   c.dataset.test_split = 'test'       # evaluated once at the end with the selected weights
   c.dataset.select_on_test = False    # the authors' practice: select on test (only when asked)
   # Extra keyword options for kmcl_jax.data.get_source (e.g. level, subset_size, fraction,

@@ -101,34 +101,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------ data
 
 
-class _Holdout:
-  """A fixed subset of a source (by index), keeping the source's class names."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self._source = source
-    self._indices = indices
-    self.class_names = source.class_names
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int):
-    return self._source[int(self._indices[index])]
-
-  def __repr__(self) -> str:
-    return f'Holdout({self._source!r}, {len(self)} records)'
-
-
-def _holdout_split(source, fraction: float, seed: int):
-  """(train, val): a seeded `fraction` of `source` held out for model selection."""
-  order = np.random.default_rng(seed).permutation(len(source))
-  n_val = max(1, int(round(fraction * len(source))))
-  return _Holdout(source, np.sort(order[n_val:])), _Holdout(source, np.sort(order[:n_val]))
-
-
-HOLDOUT_FRACTION = 0.05  # of the train split, for datasets without a validation split
-
-
 def open_sources(config):
   """(train, val or None, test) sources for the config's dataset."""
   ds = config.dataset
@@ -139,7 +111,7 @@ def open_sources(config):
 
   train, test = get(ds.train_split), get(ds.test_split)
   if ds.val_split == 'holdout':
-    train, val = _holdout_split(train, HOLDOUT_FRACTION, config.seed)
+    train, val = data_lib.holdout_split(train, ds.holdout_fraction, seed=config.seed)
   else:
     val = get(ds.val_split) if ds.val_split else None
   if ds.select_on_test:
@@ -261,23 +233,22 @@ def evaluate(run: _Run, state, source, *, desc: str) -> dict[str, dict[str, Any]
   """Full metric reports of the model and its EMA on `source` (every example exactly once)."""
   config = run.config
   per_process = config.eval_batch_size // jax.process_count()
-  scores = {'model': [], 'ema': []}
+  weights = {'model': ('params', 'batch_stats'), 'ema': ('ema_params', 'ema_batch_stats')}
+  scores = {name: [] for name in weights}
   labels, difficult = [], []
   batches = pipeline.eval_batches(source, batch_size=per_process,
                                   image_size=config.model.image_size)
   for local in tqdm.tqdm(batches, desc=desc, leave=False, disable=jax.process_index() != 0):
     images = _to_global(run, {'image': local['image']})['image']
-    for name, (p, s) in (('model', ('params', 'batch_stats')),
-                         ('ema', ('ema_params', 'ema_batch_stats'))):
-      probs = run.predict_step(state[p], state[s], images)
-      scores[name].append(multihost_utils.process_allgather(probs, tiled=True))
+    # Every process gathers the whole batch; padding rows (mask False) are dropped.
     host = multihost_utils.process_allgather(
         {k: local[k] for k in ('labels', 'difficult', 'mask')}, tiled=True)
-    labels.append(host['labels'][host['mask']])
-    difficult.append(host['difficult'][host['mask']])
-    mask = host['mask']
-    for name in scores:
-      scores[name][-1] = np.asarray(scores[name][-1])[mask]
+    keep = host['mask']
+    labels.append(host['labels'][keep])
+    difficult.append(host['difficult'][keep])
+    for name, (params, batch_stats) in weights.items():
+      probs = run.predict_step(state[params], state[batch_stats], images)
+      scores[name].append(np.asarray(multihost_utils.process_allgather(probs, tiled=True))[keep])
   labels, difficult = np.concatenate(labels), np.concatenate(difficult)
   return {name: metrics_lib.evaluation_report(
       np.concatenate(s), labels, difficult=difficult, threshold=config.eval.threshold,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures as fx
-from kmcl_jax.data import UnreadableImageError, get_source
+from kmcl_jax.data import UnreadableImageError, get_source, holdout_split
 from kmcl_jax.data import synthetic, tfds_source
 from kmcl_jax.data.base import decode_image
 
@@ -340,3 +340,16 @@ def test_decode_16bit_png_scales_to_8bit(tmp_path):
   out = decode_image(path)
   np.testing.assert_array_equal(out[..., 0], np.round(values / 4000 * 255).astype(np.uint8))
   assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_holdout_split_is_disjoint_covering_and_seeded():
+  source = get_source('synthetic', split='train', num_examples=40)
+  rest, held = holdout_split(source, 0.1, seed=3)
+  ids = lambda s: [s[i]['id'] for i in range(len(s))]
+  assert len(held) == 4 and len(rest) == 36
+  assert sorted(ids(rest) + ids(held)) == sorted(ids(source))
+  assert ids(holdout_split(source, 0.1, seed=3)[1]) == ids(held)
+  assert ids(holdout_split(source, 0.1, seed=4)[1]) != ids(held)
+  assert held.class_names == source.class_names
+  with pytest.raises(ValueError, match='fraction'):
+    holdout_split(source, 1.5, seed=0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kmcl_jax.data import adp, chestxray14, coco, synthetic, tfds_source, voc
-from kmcl_jax.data.base import UnreadableImageError
+from kmcl_jax.data.base import UnreadableImageError, holdout_split
 
 _BUILDERS: dict[str, Callable[..., object]] = {
     'voc2007': voc.voc2007,
@@ -46,4 +46,4 @@ def get_source(name: str, *, root: str | None = None, split: str, **options):
   return _BUILDERS[name](root=root, split=split, **options)
 
 
-__all__ = ['get_source', 'SOURCES', 'UnreadableImageError']
+__all__ = ['get_source', 'holdout_split', 'SOURCES', 'UnreadableImageError']

@@ -185,3 +185,33 @@ class FileSource:
   def __repr__(self) -> str:
     return (f'{type(self).__name__}({self.description}, {len(self)} records, '
             f'K={len(self.class_names)})')
+
+
+class Subset:
+  """The records of `source` at `indices`, in that order, with the source's class names."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self.class_names = source.class_names
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    return f'Subset({self._source!r}, {len(self)} records)'
+
+
+def holdout_split(source, fraction: float, *, seed: int) -> tuple[Subset, Subset]:
+  """(rest, held out): a seeded random `fraction` of `source` set aside for model selection,
+  for datasets without a validation split (VOC, COCO). Both keep the source's order."""
+  if not 0 < fraction < 1:
+    raise ValueError(f'holdout fraction must be in (0, 1), got {fraction}')
+  if len(source) < 2:
+    raise ValueError(f'cannot hold out part of {source!r}: it has {len(source)} record(s)')
+  order = np.random.default_rng(seed).permutation(len(source))
+  n_held = min(len(source) - 1, max(1, int(round(fraction * len(source)))))
+  return Subset(source, np.sort(order[n_held:])), Subset(source, np.sort(order[:n_held]))
