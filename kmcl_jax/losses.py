@@ -102,8 +102,11 @@ def log_similarity(*, mu_p, var_p, mu_q, var_q, feature_dim: int,
 
 
 # Elements of one [rows, N, K, D] intermediate of the pairwise similarities that are
-# materialised at once (64 MiB in float32); larger batches are processed in row blocks.
+# materialised at once (64 MiB in float32); larger batches are processed in row blocks of at
+# least _MIN_BLOCK_ROWS rows (single-row blocks ran 4x slower on XLA:CPU: too little to
+# parallelise per iteration).
 _BLOCK_ELEMENTS = 2**24
+_MIN_BLOCK_ROWS = 8
 
 
 def _map_row_blocks(fn, arrays, *, per_row: int):
@@ -113,7 +116,7 @@ def _map_row_blocks(fn, arrays, *, per_row: int):
   piece they hold [N, N, K, D] tensors (2.7 GB each at N=256, K=80, D=128).
   """
   n = arrays[0].shape[0]
-  target = max(1, _BLOCK_ELEMENTS // max(per_row, 1))
+  target = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(per_row, 1))
   block = max(b for b in range(1, min(n, target) + 1) if n % b == 0)
   if block == n:
     return fn(*arrays)

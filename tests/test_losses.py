@@ -476,6 +476,7 @@ def test_pairwise_gradients_match_autodiff_of_the_direct_formula(case, kind, blo
   # block budget forces them here). Compare with automatic differentiation of the textbook
   # formula over the shared-variance shapes the KMM produces.
   monkeypatch.setattr(losses, '_BLOCK_ELEMENTS', block_elements)
+  monkeypatch.setattr(losses, '_MIN_BLOCK_ROWS', 1)
   p = _problem(5, n=6, case=case, kind=kind)
   mu, var = jnp.asarray(p['mu']), jnp.asarray(p['var'])
   weights = jnp.asarray(np.random.default_rng(1).normal(0, 1, (6, 6, 4)), jnp.float32)
