@@ -5,6 +5,7 @@ misspelt `--config.key` is an error rather than a silently ignored setting.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -34,7 +35,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.ConfigError as e:
+    sys.exit(str(e))  # the message names the setting; a traceback would only bury it
 
 
 if __name__ == '__main__':

@@ -54,10 +54,14 @@ EXPORT_CHOICES = ('best', 'ema', 'model')
 # ------------------------------------------------------------------------------ config checks
 
 
+class ConfigError(ValueError):
+  """A setting a user can fix; the message names it."""
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, with one message naming the setting, on config errors a user can make."""
   def fail(message):
-    raise ValueError(f'config error: {message}')
+    raise ConfigError(f'config error: {message}')
 
   if config.dataset.name not in data_lib.SOURCES:
     fail(f'dataset.name={config.dataset.name!r} is not one of {data_lib.SOURCES}.')
@@ -303,7 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.init_from:
     # A mismatching checkpoint is a config error: find it on the abstract model, before any
     # compilation (load_pretrained checks every key and shape).
-    _pretrained(config, nnx.eval_shape(model_fn))
+    try:
+      _pretrained(config, nnx.eval_shape(model_fn))
+    except ValueError as e:
+      raise ConfigError(f'config error: init_from={config.init_from!r}: {e}') from e
 
   mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
   loss_config = losses.LossConfig.from_mapping(config.loss.to_dict())

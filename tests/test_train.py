@@ -231,3 +231,20 @@ def test_bfloat16_compute_keeps_float32_state_and_losses():
     dtypes = {x.dtype for x in jax.tree.leaves(new_state[key])}
     assert dtypes == {jnp.dtype(jnp.float32)}, (key, dtypes)
   assert int(new_state['skipped']) == 0
+
+
+@pytest.mark.parametrize('flag,message,traceback', [
+    # ml_collections rejects an unknown key while parsing flags (with its own traceback).
+    ('--config.model.imagesize=64', 'Did you mean "image_size"', True),
+    ('--config.model.image_size=100', 'config error: model.image_size=100', False),
+])
+def test_command_line_rejects_bad_settings(flag, message, traceback, tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, '-m', 'kmcl_jax.main', '--config=configs/synthetic.py:smoke',
+       f'--workdir={tmp_path}', flag], capture_output=True, text=True, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert ('Traceback' in result.stderr) == traceback
