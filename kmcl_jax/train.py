@@ -347,41 +347,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = {'signal': None}
   previous_handler = signal.signal(signal.SIGTERM,
                                    lambda signum, frame: stop.update(signal=signum))
-  step = int(state['step'])
   try:
-    bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=is_main)
-    window_start, window_images = time.perf_counter(), 0
-    while step < num_steps:
-      batch = _to_global(run, next(train_iter))
-      state, metrics = run.train_step(state, batch)
-      step += 1
-      window_images += config.batch_size
-      bar.update(1)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        line = {f'train/{k}': float(v) for k, v in metrics.items()}
-        line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
-        line['train/epoch'] = step / steps_per_epoch
-        writer.write(step, line)
-        bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
-                        img_s=f'{line["train/images_per_sec"]:.0f}')
-        window_start, window_images = time.perf_counter(), 0
-      if step % eval_every == 0 or step == num_steps:
-        state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
-      elif step % config.checkpoint_every_steps == 0:
-        ckpt.save_latest(step, state, train_iter)
-      if stop['signal'] is not None:
-        logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
-        ckpt.save_latest(step, state, train_iter)
-        ckpt.wait()
-        raise SystemExit(128 + signal.SIGTERM)
-      if bar.n >= bar.total and step < num_steps:
-        bar.close()
-        bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=is_main)
-    bar.close()
-    ckpt.save_latest(step, state, train_iter)
-    ckpt.wait()
+    state = _train_loop(run, state, train_iter, ckpt, writer, val_src, stop=stop,
+                        num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+                        eval_every=eval_every)
     if pipeline.skipped_count():
       logging.warning('%d unreadable images were skipped.', pipeline.skipped_count())
     results = _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer)
@@ -390,6 +359,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     ckpt.close()
   return results
+
+
+def _train_loop(run, state, train_iter, ckpt, writer, val_src, *, stop, num_steps,
+                steps_per_epoch, eval_every):
+  """Steps from the state's step to num_steps, logging, evaluating and checkpointing."""
+  config = run.config
+  step = int(state['step'])
+  bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=writer.enabled)
+  window_start, window_images = time.perf_counter(), 0
+  while step < num_steps:
+    batch = _to_global(run, next(train_iter))
+    state, metrics = run.train_step(state, batch)
+    step += 1
+    window_images += config.batch_size
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      line = {f'train/{k}': float(v) for k, v in metrics.items()}
+      line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
+      line['train/epoch'] = step / steps_per_epoch
+      writer.write(step, line)
+      bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
+                      img_s=f'{line["train/images_per_sec"]:.0f}')
+      window_start, window_images = time.perf_counter(), 0
+    if step % eval_every == 0 or step == num_steps:
+      state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
+    elif step % config.checkpoint_every_steps == 0:
+      ckpt.save_latest(step, state, train_iter)
+    if stop['signal'] is not None:
+      bar.close()
+      logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
+      ckpt.save_latest(step, state, train_iter)
+      ckpt.wait()
+      raise SystemExit(128 + signal.SIGTERM)
+    if bar.n >= bar.total and step < num_steps:
+      bar.close()
+      bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=writer.enabled)
+  bar.close()
+  ckpt.save_latest(step, state, train_iter)
+  ckpt.wait()
+  return state
 
 
 def _epoch_bar(step: int, num_steps: int, steps_per_epoch: int, *, enabled: bool):
