@@ -30,21 +30,14 @@ reduction layer keeps torch's Conv1d default (U(+-1/sqrt(fan_in)) for weight and
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kmcl_jax.models import initializers
+
 KINDS = ('bhattacharyya', 'mahalanobis', 'gaussian')
 VAR_OFFSET = 2.0 + 1e-7  # var = ELU(a) + 2 + eps >= 1 + eps
-
-
-def _uniform(low: float, high: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, minval=low, maxval=high)
-
-  return init
 
 
 class KernelMixtureModule(nnx.Module):
@@ -75,22 +68,22 @@ class KernelMixtureModule(nnx.Module):
     dense = dict(dtype=dtype, bias_init=nnx.initializers.zeros, rngs=rngs)
 
     if anisotropic and not asl_only:
-      bound = 1.0 / math.sqrt(in_features)
-      self.reduce = nnx.Linear(in_features, reduced_dim, dtype=dtype,
-                               kernel_init=_uniform(-bound, bound),
-                               bias_init=_uniform(-bound, bound), rngs=rngs)
+      torch_default = initializers.torch_default_uniform(in_features)
+      self.reduce = nnx.Linear(in_features, reduced_dim, dtype=dtype, kernel_init=torch_default,
+                               bias_init=torch_default, rngs=rngs)
       width = reduced_dim
     else:
       self.reduce = None
       width = in_features
     self.kernel_dim = width
 
-    self.pi = nnx.Linear(width, num_classes, kernel_init=_uniform(0.0, 0.1), **dense)
+    table6 = initializers.uniform(0.0, 0.1)
+    self.pi = nnx.Linear(width, num_classes, kernel_init=table6, **dense)
     if asl_only:
       self.mu = self.var = None
       return
     per_dim = width if anisotropic else 1
-    self.mu = nnx.Linear(width, num_classes * per_dim, kernel_init=_uniform(0.0, 0.1), **dense)
+    self.mu = nnx.Linear(width, num_classes * per_dim, kernel_init=table6, **dense)
     var_out = {'bhattacharyya': num_classes * per_dim, 'mahalanobis': width, 'gaussian': 1}[kind]
     self.var = nnx.Linear(width, var_out, kernel_init=nnx.initializers.ones, **dense)
 

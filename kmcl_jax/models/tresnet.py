@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kmcl_jax.models import initializers
+
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # torch momentum 0.1
 STEM_SLOPE = 1e-2  # leaky ReLU slope of the stem
@@ -35,16 +37,6 @@ BLOCK_SLOPE = 1e-3  # leaky ReLU slope inside the blocks
 
 # Convolutions: kaiming normal over fan_out (torch `kaiming_normal_(mode='fan_out')`, gain sqrt 2).
 _conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _torch_bias_init(fan_in: int):
-  """torch's default conv bias init U(+-1/sqrt(fan_in)); TResNet re-initialises only weights."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 def space_to_depth(x: jax.Array, block: int = 4) -> jax.Array:
@@ -127,9 +119,9 @@ class SqueezeExcite(nnx.Module):
 
   def __init__(self, channels: int, hidden: int, *, dtype, rngs: nnx.Rngs):
     self.fc1 = nnx.Conv(channels, hidden, (1, 1), dtype=dtype, kernel_init=_conv_init,
-                        bias_init=_torch_bias_init(channels), rngs=rngs)
+                        bias_init=initializers.torch_default_uniform(channels), rngs=rngs)
     self.fc2 = nnx.Conv(hidden, channels, (1, 1), dtype=dtype, kernel_init=_conv_init,
-                        bias_init=_torch_bias_init(hidden), rngs=rngs)
+                        bias_init=initializers.torch_default_uniform(hidden), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     s = x.mean(axis=(1, 2), keepdims=True)
