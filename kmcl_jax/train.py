@@ -341,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(functools.partial(init_state, model_fn, optimizer),
                     out_shardings=state_sharding)()
     if config.init_from:
-      state = _load_init_from(config, state, model_fn, optimizer, state_sharding)
+      state = _load_init_from(config, state, train_graphdef, optimizer, state_sharding)
 
   writer = MetricWriter(workdir, enabled=is_main)
   stop = {'signal': None}
@@ -473,10 +473,9 @@ def _pretrained(config, model: KMCLModel) -> dict:
   return convert.load_pretrained(model, config.init_from, load_head=config.init_head)
 
 
-def _load_init_from(config, state, model_fn, optimizer, state_sharding):
+def _load_init_from(config, state, graphdef, optimizer, state_sharding):
   """A fresh train state whose parameters (and EMA) start from the `init_from` weights."""
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(model_fn)), state['params'],
-                    state['batch_stats'])
+  model = nnx.merge(graphdef, state['params'], state['batch_stats'])
   info = _pretrained(config, model)
   logging.info('Initialised from %s (%s).', config.init_from, info.get('variant'))
   params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)

@@ -203,7 +203,8 @@ def test_init_from_loads_the_converted_encoder(converted_smoke_encoder):
                            axis_types=(jax.sharding.AxisType.Auto,))
   state = jax.jit(functools.partial(train.init_state, model_fn, optimizer))()
   state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-  loaded = train._load_init_from(config, state, model_fn, optimizer, state_sharding)
+  loaded = train._load_init_from(config, state, nnx.graphdef(nnx.eval_shape(model_fn)),
+                                 optimizer, state_sharding)
   # The stem conv, OIHW in torch, HWIO here; the EMA starts from the same weights.
   stem = torch_state['body.conv1.conv.weight'].transpose(2, 3, 1, 0)
   for key in ('params', 'ema_params'):
