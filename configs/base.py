@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'           # 'bfloat16': bf16 compute, f32 params/BN stats/losses
   # Encoder constructor overrides (e.g. width, layers) for small models; empty = the real one.
   c.model.overrides = ml_collections.ConfigDict()
-  c.model.kind = 'bhattacharyya'      # KMM variance sharing: 'bhattacharyya'|'mahalanobis'|'gaussian'
+  c.model.kind = 'bhattacharyya'      # KMM variances: 'bhattacharyya'|'mahalanobis'|'gaussian'
   c.model.anisotropic = False
   c.model.reduced_dim = 128           # D of the anisotropic case
 

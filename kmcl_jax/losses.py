@@ -245,7 +245,8 @@ def reconstruction_loss(*, features, pi_logits, mu, var, labels,
 
   Samples with no positive label are excluded from the mean (their ratio is undefined); the loss
   is 0 when no sample has a positive. variant='official' reproduces the authors' arithmetic:
-  kernel values clamped at the smallest normal float32 (their 1.17549e-38), ratio clamped at 1e-7, mean over all N samples.
+  kernel values clamped at the smallest normal float32 (their 1.17549e-38), ratio clamped at
+  1e-7, mean over all N samples.
   """
   _check_variant(variant)
   labels = _f32(labels) > 0
@@ -313,7 +314,8 @@ def kmcl_contrastive_loss(*, mu, var, labels, feature_dim: int, temperature: flo
   """L_KMCL (Eq. 7), vectorised over [N, N, K]. 0 (not NaN) when no anchor has a positive.
 
   Paper: mean over anchors n with positives A(n) = {m != n : y_n . y_m > 0} of
-    -(1/|A(n)|) sum_{m in A(n)} J(n,m) sum_{k shared} [rho^{nm}_k/tau - logsumexp_{i!=n} rho^{ni}_k/tau].
+    -(1/|A(n)|) sum_{m in A(n)} J(n,m) sum_{k shared}
+        [rho^{nm}_k/tau - logsumexp_{i!=n} rho^{ni}_k/tau].
   variant='official' (SPEC section 4): Jaccard inside the log, log(J * ratio + 1e-7), the sum
   over anchors divided by N, and the anisotropic per-dimension terms multiplied by D.
   """
@@ -321,8 +323,8 @@ def kmcl_contrastive_loss(*, mu, var, labels, feature_dim: int, temperature: flo
   labels = (_f32(labels) > 0).astype(jnp.float32)
   n = labels.shape[0]
   log_rho = pairwise_log_similarity(mu=mu, var=var, feature_dim=feature_dim, kind=kind)
-  if variant == 'official' and _f32(mu).ndim == 3:
-    log_rho = log_rho * _f32(mu).shape[-1]
+  if variant == 'official' and jnp.ndim(mu) == 3:
+    log_rho = log_rho * jnp.shape(mu)[-1]
   logits = jnp.exp(log_rho) / temperature  # rho / tau, in [0, 1/tau]
   not_self = ~jnp.eye(n, dtype=bool)
   log_denominator = _masked_logsumexp(logits, not_self[:, :, None], axis=1)  # [N, K]

@@ -1,14 +1,14 @@
 """Speed of the jitted KMCL objective against a per-anchor Python loop of the same maths.
 
-  python -m kmcl_jax.benchmarks.losses [--json=PATH] [--repeats=5] [--max_loop_n=1024]
+  python -m kmcl_jax.benchmarks.losses [--json=PATH] [--repeats=5] [--max_loop_n=256]
 
 Times forward+backward (gradients w.r.t. features, pi logits, mu and var) of
 `losses.kmcl_objective` under `jax.jit`, and of a baseline that has the authors' structure: the
-pairwise similarities vectorised, then a Python loop over anchors that gathers each anchor's
-positives (as masks) and accumulates its contrastive term, differentiated op by op (eager, no jit). Prints
-a table; `--json` writes {"rows": [{"N", "K", "M", "case", "jax_ms", "loop_ms", "speedup",
-"temp_mb"}, ...]} where temp_mb is XLA's temporary buffer size for the compiled step (memory
-growth with N). Figures only: nothing here asserts on time.
+pairwise similarities vectorised, then a Python loop over anchors that selects each anchor's
+positives (as masks) and accumulates its contrastive term, differentiated op by op (eager, no
+jit). Prints a table; `--json` writes {"device": ..., "rows": [{"N", "K", "M", "case",
+"jax_ms", "loop_ms", "speedup", "temp_mb"}, ...]} where temp_mb is XLA's temporary buffer size
+for the compiled step (memory growth with N). Figures only: nothing here asserts on time.
 """
 
 from __future__ import annotations
