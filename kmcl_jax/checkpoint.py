@@ -3,7 +3,6 @@
   workdir/checkpoints/latest/<step>/{state, data}   every checkpoint_every_steps, each eval,
                                                     on SIGTERM and at the end (keeps 1)
   workdir/checkpoints/best/<step>/{state, data}     the best validation mAP so far (keeps 1)
-  workdir/export/{weights, model.json}              inference-only weights for later tools
 
 `state` is the whole train state pytree (parameters, BatchNorm statistics, optimizer state, EMA,
 step and skipped-step count); `data` is this process's grain iterator state, so a resumed run
@@ -12,12 +11,10 @@ reads the same batches as an uninterrupted one. Saves are asynchronous; `wait()`
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 BEST_METRIC = 'val_mAP'
@@ -78,14 +75,3 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
-
-
-def export(directory: str, weights: Any, model_info: dict) -> None:
-  """Inference-only weights (params + BatchNorm statistics) and model.json beside them."""
-  directory = os.path.abspath(directory)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, 'weights'), weights, force=True)
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, 'model.json'), 'w') as f:
-      json.dump(model_info, f, indent=1)

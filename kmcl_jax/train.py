@@ -1,7 +1,8 @@
-"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train_and_evaluate(config, workdir)` and the pure `train_step`.
 
-Shape of a run (SPEC section 5):
-  1. Validate the config and open the data sources (before anything is compiled).
+Shape of a run (docs/training.md):
+  1. Validate the config and open the data sources (`kmcl_jax.experiment`), before anything is
+     compiled.
   2. One mesh over all devices; the batch is sharded on 'data', parameters are replicated, and
      each process feeds only its shard of the global batch. The contrastive loss sees the
      global batch (XLA gathers the kernels across devices).
@@ -9,9 +10,9 @@ Shape of a run (SPEC section 5):
      from scratch. Initialisation goes through `jax.eval_shape` and `jax.jit(out_shardings=...)`.
   4. A jitted, donated, pure train step; non-finite loss or gradients leave the state unchanged
      and count a skipped step (as the authors' code does).
-  5. Every `eval_every_epochs`: model and EMA on the selection split, full metric report,
-     checkpoints (latest, and best by validation mAP).
-  6. At the end: the selected checkpoint on the test split -> results.json, and export/.
+  5. Every `eval_every_epochs`: model and EMA on the selection split (`kmcl_jax.evaluate`),
+     checkpoints (latest, and best by selection-split mAP, recording whether model or EMA won).
+  6. At the end: the selected weights on the test split -> results.json, and export/.
 
 Only process 0 writes logs and files; every process runs the same program.
 """
@@ -34,132 +35,21 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from kmcl_jax import checkpoint as checkpoint_lib
-from kmcl_jax import data as data_lib
+from kmcl_jax import evaluate as evaluate_lib
+from kmcl_jax import experiment
+from kmcl_jax import export as export_lib
 from kmcl_jax import losses
-from kmcl_jax import metrics as metrics_lib
 from kmcl_jax import optim
 from kmcl_jax.data import pipeline
-from kmcl_jax.models import ENCODERS, KMCLModel
+from kmcl_jax.models import KMCLModel
 from kmcl_jax.writer import MetricWriter
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-EXPORT_CHOICES = ('best', 'ema', 'model')
-
-
-# ------------------------------------------------------------------------------ config checks
-
-
-class ConfigError(ValueError):
-  """A setting a user can fix; the message names it."""
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, with one message naming the setting, on config errors a user can make."""
-  def fail(message):
-    raise ConfigError(f'config error: {message}')
-
-  if config.dataset.name not in data_lib.SOURCES:
-    fail(f'dataset.name={config.dataset.name!r} is not one of {data_lib.SOURCES}.')
-  if config.dataset.name not in ('synthetic', 'tfds'):
-    if not config.dataset.root:
-      fail(f'dataset.root is empty; dataset {config.dataset.name!r} needs its folder '
-           '(see README "Datasets").')
-    if not os.path.isdir(config.dataset.root):
-      fail(f'dataset.root={config.dataset.root!r} is not a directory.')
-  if config.model.name not in ENCODERS:
-    fail(f'model.name={config.model.name!r} is not one of {sorted(ENCODERS)}.')
-  if config.model.image_size <= 0 or config.model.image_size % 32:
-    fail(f'model.image_size={config.model.image_size} must be a positive multiple of 32 '
-         '(TResNet downsamples by 32).')
-  if config.model.dtype not in DTYPES:
-    fail(f'model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.')
-  if config.model.kind != config.loss.kind:
-    fail(f'model.kind={config.model.kind!r} and loss.kind={config.loss.kind!r} differ; the '
-         'KMM variance shape must match the similarity.')
-  if config.dataset.normalization not in pipeline.NORMALIZATION:
-    fail(f'dataset.normalization={config.dataset.normalization!r} is not one of '
-         f'{sorted(pipeline.NORMALIZATION)}.')
-  devices = jax.device_count()
-  for key in ('batch_size', 'eval_batch_size'):
-    value = config[key]
-    if value <= 0 or value % devices:
-      fail(f'{key}={value} must be a positive multiple of the device count ({devices}).')
-  if config.export_weights not in EXPORT_CHOICES:
-    fail(f'export_weights={config.export_weights!r} is not one of {EXPORT_CHOICES}.')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    fail('set num_epochs > 0 or num_train_steps > 0.')
-  if config.init_from and not os.path.exists(config.init_from):
-    fail(f'init_from={config.init_from!r} does not exist (make it with python -m '
-         'kmcl_jax.convert).')
-  try:
-    losses.LossConfig.from_mapping(config.loss.to_dict()).resolved()
-  except ValueError as e:
-    fail(f'loss: {e}')
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def open_sources(config):
-  """(train, val or None, test) sources for the config's dataset."""
-  ds = config.dataset
-  options = ds.options.to_dict()
-
-  def get(split):
-    return data_lib.get_source(ds.name, root=ds.root or None, split=split, **options)
-
-  train, test = get(ds.train_split), get(ds.test_split)
-  if ds.val_split == 'holdout':
-    train, val = data_lib.holdout_split(train, ds.holdout_fraction, seed=config.seed)
-  else:
-    val = get(ds.val_split) if ds.val_split else None
-  if ds.select_on_test:
-    val = test
-  for name, source in (('train', train), ('val', val), ('test', test)):
-    if source is not None and tuple(source.class_names) != tuple(train.class_names):
-      raise ValueError(f'the {name} split has classes {source.class_names}, the train split '
-                       f'{train.class_names}.')
-  return train, val, test
-
-
-# ------------------------------------------------------------------------------ model and state
-
-
-def create_model(config, num_classes: int, seed: int) -> KMCLModel:
-  return KMCLModel(config.model.name, num_classes, kind=config.model.kind,
-                   anisotropic=config.model.anisotropic, reduced_dim=config.model.reduced_dim,
-                   asl_only=config.loss.asl_only, dtype=DTYPES[config.model.dtype],
-                   rngs=nnx.Rngs(seed), **config.model.overrides.to_dict())
-
-
-def total_steps(config, train_size: int) -> tuple[int, int]:
-  """(total train steps, steps per epoch); durations are turned into steps once, here."""
-  steps_per_epoch = max(1, train_size // config.batch_size)
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps), steps_per_epoch
-  return int(math.ceil(config.num_epochs * steps_per_epoch)), steps_per_epoch
-
-
-def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-  o = config.optim
-  return optim.make_optimizer(
-      total_steps=num_steps, peak_lr=o.peak_lr, weight_decay=o.weight_decay,
-      pct_start=o.pct_start, div_factor=o.div_factor, final_div_factor=o.final_div_factor,
-      base_beta1=o.base_beta1, max_beta1=o.max_beta1, beta2=o.beta2, eps=o.eps)
-
-
-def init_state(model_fn, optimizer) -> dict[str, Any]:
-  """The train state pytree built from a fresh model (call under jit)."""
-  model = model_fn()
-  params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
-  return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-              opt_state=optimizer.init(params), ema_params=params, ema_batch_stats=batch_stats,
-              skipped=jnp.zeros((), jnp.int32), best_val_map=jnp.full((), -1.0, jnp.float32))
+# Re-exported: the trainer's entry points raise it and main.py catches it.
+ConfigError = experiment.ConfigError
 
 
 # ------------------------------------------------------------------------------ steps
@@ -207,13 +97,6 @@ def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossCon
   return new_state, metrics
 
 
-def predict_step(params, batch_stats, images, *, graphdef, mean, std):
-  """Class probabilities sigmoid(pi_logits) in inference mode (running BN statistics)."""
-  model = nnx.merge(graphdef, params, batch_stats)
-  out = model(pipeline.normalize(images, mean, std))
-  return jax.nn.sigmoid(out['pi_logits'].astype(jnp.float32))
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -224,61 +107,31 @@ class _Run:
   mesh: jax.sharding.Mesh
   data_sharding: NamedSharding
   train_step: Any
-  predict_step: Any
+  predict_fn: Any
   class_names: tuple[str, ...]
+
+  def evaluate(self, state, source, *, desc: str) -> dict[str, dict[str, Any]]:
+    """Reports of the model and its EMA on `source`."""
+    c = self.config
+    weights = {'model': (state['params'], state['batch_stats']),
+               'ema': (state['ema_params'], state['ema_batch_stats'])}
+    return evaluate_lib.evaluate(
+        self.predict_fn, weights, source, data_sharding=self.data_sharding,
+        batch_size=c.eval_batch_size, image_size=c.model.image_size,
+        threshold=c.eval.threshold, top_k=c.eval.top_k, with_auc=c.eval.with_auc,
+        class_names=self.class_names, desc=desc)
 
 
 def _to_global(run: _Run, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(run.data_sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
-def evaluate(run: _Run, state, source, *, desc: str) -> dict[str, dict[str, Any]]:
-  """Full metric reports of the model and its EMA on `source` (every example exactly once)."""
-  config = run.config
-  per_process = config.eval_batch_size // jax.process_count()
-  weights = {'model': ('params', 'batch_stats'), 'ema': ('ema_params', 'ema_batch_stats')}
-  scores = {name: [] for name in weights}
-  labels, difficult = [], []
-  batches = pipeline.eval_batches(source, batch_size=per_process,
-                                  image_size=config.model.image_size)
-  for local in tqdm.tqdm(batches, desc=desc, leave=False, disable=jax.process_index() != 0):
-    images = _to_global(run, {'image': local['image']})['image']
-    # Every process gathers the whole batch; padding rows (mask False) are dropped.
-    host = multihost_utils.process_allgather(
-        {k: local[k] for k in ('labels', 'difficult', 'mask')}, tiled=True)
-    keep = host['mask']
-    labels.append(host['labels'][keep])
-    difficult.append(host['difficult'][keep])
-    for name, (params, batch_stats) in weights.items():
-      probs = run.predict_step(state[params], state[batch_stats], images)
-      scores[name].append(np.asarray(multihost_utils.process_allgather(probs, tiled=True))[keep])
-  labels, difficult = np.concatenate(labels), np.concatenate(difficult)
-  return {name: metrics_lib.evaluation_report(
-      np.concatenate(s), labels, difficult=difficult, threshold=config.eval.threshold,
-      top_k=config.eval.top_k, with_auc=config.eval.with_auc, class_names=run.class_names)
-          for name, s in scores.items()}
-
-
-def _scalars(report: dict[str, Any]) -> dict[str, float]:
-  return {k: v for k, v in report.items() if isinstance(v, (int, float))}
-
-
-def _print_table(results: dict[str, dict[str, Any]], split: str) -> None:
-  keys = [k for k in ('mAP', 'mAUC', 'CP', 'CR', 'CF1', 'OP', 'OR', 'OF1', 'CP_top3', 'CR_top3',
-                      'CF1_top3', 'OP_top3', 'OR_top3', 'OF1_top3') if k in results['model']]
-  lines = [f'{split} results (threshold {results["model"]["threshold"]}):',
-           f'  {"metric":10s} {"model":>8s} {"ema":>8s}']
-  lines += [f'  {k:10s} {results["model"][k]:8.2f} {results["ema"][k]:8.2f}' for k in keys]
-  print('\n'.join(lines), flush=True)
+  return evaluate_lib.to_global(run.data_sharding, local_batch)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, evaluates and exports as the config says; returns the results.json content."""
-  validate_config(config)
-  train_src, val_src, test_src = open_sources(config)
+  experiment.validate_config(config)
+  train_src, val_src, test_src = experiment.open_sources(config)
   class_names = tuple(train_src.class_names)
-  num_steps, steps_per_epoch = total_steps(config, len(train_src))
+  num_steps, steps_per_epoch = experiment.total_steps(config, len(train_src))
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
   is_main = jax.process_index() == 0
   if is_main:
@@ -290,15 +143,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
-  optimizer = make_optimizer(config, num_steps)
-  model_fn = functools.partial(create_model, config, len(class_names), config.seed)
+  optimizer = experiment.make_optimizer(config, num_steps)
+  model_fn = functools.partial(experiment.create_model, config, len(class_names), config.seed)
 
   abstract_model = nnx.eval_shape(model_fn)
   abstract_model.train()
   train_graphdef = nnx.graphdef(abstract_model)
   abstract_model.eval()
   eval_graphdef = nnx.graphdef(abstract_model)
-  abstract_state = jax.eval_shape(functools.partial(init_state, model_fn, optimizer))
+  abstract_state = jax.eval_shape(functools.partial(experiment.init_state, model_fn, optimizer))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -321,9 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             loss_config=loss_config, ema_decay=config.ema_decay,
                             mean=mean, std=std),
           out_shardings=(state_sharding, replicated), donate_argnums=0),
-      predict_step=jax.jit(functools.partial(predict_step, graphdef=eval_graphdef,
-                                             mean=mean, std=std),
-                           out_shardings=data_sharding))
+      predict_fn=evaluate_lib.make_predict_fn(eval_graphdef, mean=mean, std=std,
+                                              data_sharding=data_sharding))
 
   per_process_batch = config.batch_size // jax.process_count()
   train_iter = pipeline.train_iterator(
@@ -338,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = ckpt.restore('latest', abstract_state, train_iter)
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
   else:
-    state = jax.jit(functools.partial(init_state, model_fn, optimizer),
+    state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer),
                     out_shardings=state_sharding)()
     if config.init_from:
       state = _load_init_from(config, state, train_graphdef, optimizer, state_sharding)
@@ -415,20 +267,27 @@ def _epoch_bar(step: int, num_steps: int, steps_per_epoch: int, *, enabled: bool
 def _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step):
   """Evaluate on the selection split, log, and checkpoint (latest; best when it improves)."""
   if val_src is not None:
-    reports = evaluate(run, state, val_src, desc=f'eval@{step}')
+    reports = run.evaluate(state, val_src, desc=f'eval@{step}')
     writer.write(step, {f'eval/{name}/{k}': v for name, r in reports.items()
-                        for k, v in _scalars(r).items()})
+                        for k, v in evaluate_lib.scalars(r).items()})
+    ema_won = reports['ema']['mAP'] >= reports['model']['mAP']
     val_map = max(reports['model']['mAP'], reports['ema']['mAP'])
     if val_map > float(state['best_val_map']):
-      best = jax.device_put(np.float32(val_map), NamedSharding(run.mesh, P()))
-      state = dict(state, best_val_map=best)
+      replicated = NamedSharding(run.mesh, P())
+      state = dict(state, best_val_map=jax.device_put(np.float32(val_map), replicated),
+                   best_is_ema=jax.device_put(np.int32(ema_won), replicated))
       ckpt.save_best(step, state, train_iter, val_map)
   ckpt.save_latest(step, state, train_iter)
   return state
 
 
 def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer):
-  """Test evaluation with the selected checkpoint, results.json and export/."""
+  """Test evaluation of the selected checkpoint, results.json and export/.
+
+  Model selection uses the selection split only: the best checkpoint by its mAP, and model or
+  EMA weights as recorded when that checkpoint was saved. Without a selection split, the final
+  state and (for export_weights='best') its EMA weights. The test split is only reported.
+  """
   config = run.config
   ckpt.wait()
   best_step = ckpt.best_step() if val_src is not None else None
@@ -436,33 +295,31 @@ def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer
     selected = ckpt.restore('best', abstract_state)
   else:
     selected, best_step = state, int(state['step'])
-  reports = evaluate(run, selected, test_src, desc='test')
+  if config.export_weights != 'best':
+    chosen = config.export_weights
+  elif val_src is None:
+    chosen = 'ema'
+  else:
+    chosen = 'ema' if int(selected['best_is_ema']) else 'model'
+  reports = run.evaluate(selected, test_src, desc='test')
   writer.write(int(state['step']), {f'test/{name}/{k}': v for name, r in reports.items()
-                                    for k, v in _scalars(r).items()})
+                                    for k, v in evaluate_lib.scalars(r).items()})
   results = {'best_step': int(best_step),
              'eval_split': config.dataset.val_split or config.dataset.test_split,
              'test_split': config.dataset.test_split,
+             'exported_weights': chosen,
              'skipped_steps': int(state['skipped']),
              'test': reports}
-  better = 'ema' if reports['ema']['mAP'] >= reports['model']['mAP'] else 'model'
-  source = better if config.export_weights == 'best' else config.export_weights
-  prefix = 'ema_' if source == 'ema' else ''
+  prefix = 'ema_' if chosen == 'ema' else ''
   weights = {'params': selected[prefix + 'params'],
              'batch_stats': selected[prefix + 'batch_stats']}
-  mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
-  checkpoint_lib.export(os.path.join(workdir, 'export'), weights, {
-      'model': config.model.name, 'image_size': config.model.image_size,
-      'encoder_overrides': config.model.overrides.to_dict(),
-      'kmm': {'kind': config.model.kind, 'anisotropic': config.model.anisotropic,
-              'reduced_dim': config.model.reduced_dim, 'asl_only': config.loss.asl_only},
-      'normalization': {'name': config.dataset.normalization, 'mean': list(mean),
-                        'std': list(std)},
-      'class_names': list(run.class_names), 'weights': source, 'step': int(best_step),
-      'dtype': config.model.dtype})
+  export_lib.write_export(os.path.join(workdir, 'export'), weights, experiment.export_info(
+      config, run.class_names, weights=chosen, step=best_step))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=1)
-    _print_table(reports, config.dataset.test_split)
+    print(evaluate_lib.format_table(reports, f'{config.dataset.test_split} results'),
+          flush=True)
   return results
 
 

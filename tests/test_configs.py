@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 import data_fixtures as fx
-from kmcl_jax import train
+from kmcl_jax import experiment
 
 FIXTURES = {'voc': fx.make_voc, 'coco': fx.make_coco, 'adp': fx.make_adp,
             'chestxray14': fx.make_chestxray14}
@@ -35,8 +35,8 @@ def test_config_opens_its_dataset_layout(name, tmp_path):
   FIXTURES[name](str(tmp_path))
   config = importlib.import_module(f'configs.{name}').get_config('smoke')
   config.dataset.root = str(tmp_path)
-  train.validate_config(config)
-  train_src, val_src, test_src = train.open_sources(config)
+  experiment.validate_config(config)
+  train_src, val_src, test_src = experiment.open_sources(config)
   assert len(train_src) > 0 and len(val_src) > 0 and len(test_src) > 0
   assert train_src.class_names == val_src.class_names == test_src.class_names
   if config.dataset.val_split == 'holdout':

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
+from kmcl_jax import experiment
 from kmcl_jax import losses
 from kmcl_jax import train
 
@@ -110,14 +111,14 @@ def test_restart_continues_like_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def _step_fixture(config):
-  model_fn = functools.partial(train.create_model, config, 10, 0)
-  optimizer = train.make_optimizer(config, 10)
+  model_fn = functools.partial(experiment.create_model, config, 10, 0)
+  optimizer = experiment.make_optimizer(config, 10)
   abstract = nnx.eval_shape(model_fn)
   abstract.train()
   step = functools.partial(train.train_step, graphdef=nnx.graphdef(abstract),
                            optimizer=optimizer, loss_config=losses.LossConfig(),
                            ema_decay=0.9, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-  state = jax.jit(functools.partial(train.init_state, model_fn, optimizer))()
+  state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer))()
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
            'labels': (rng.random((8, 10)) < 0.3).astype(np.float32)}
@@ -197,11 +198,11 @@ def converted_smoke_encoder(tmp_path_factory):
 def test_init_from_loads_the_converted_encoder(converted_smoke_encoder):
   path, torch_state = converted_smoke_encoder
   config = _config(init_from=path)
-  model_fn = functools.partial(train.create_model, config, 10, 0)
-  optimizer = train.make_optimizer(config, 10)
+  model_fn = functools.partial(experiment.create_model, config, 10, 0)
+  optimizer = experiment.make_optimizer(config, 10)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
                            axis_types=(jax.sharding.AxisType.Auto,))
-  state = jax.jit(functools.partial(train.init_state, model_fn, optimizer))()
+  state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer))()
   state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
   loaded = train._load_init_from(config, state, nnx.graphdef(nnx.eval_shape(model_fn)),
                                  optimizer, state_sharding)
@@ -249,3 +250,56 @@ def test_command_line_rejects_bad_settings(flag, message, traceback, tmp_path):
   assert result.returncode != 0
   assert message in result.stderr
   assert ('Traceback' in result.stderr) == traceback
+
+
+def test_export_loads_back_and_predicts_like_the_trainer(tmp_path):
+  from kmcl_jax import evaluate as evaluate_lib
+  from kmcl_jax import export as export_lib
+  from kmcl_jax.data import pipeline
+
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(_config(), workdir)
+  exported = export_lib.load_export(os.path.join(workdir, 'export'))
+  assert len(exported.class_names) == 10
+  assert exported.info['weights'] == results['exported_weights']
+  # The exported weights, scored by the loaded model, give the test report of results.json.
+  config = _config()
+  test_src = experiment.open_split(config, config.dataset.test_split)
+  batch = next(iter(pipeline.eval_batches(test_src, batch_size=8, image_size=64)))
+  mean, std = exported.normalization
+  graphdef, params, stats = nnx.split(exported.model, nnx.Param, nnx.BatchStat)
+  probs = evaluate_lib.predict_step(params, stats, batch['image'], graphdef=graphdef,
+                                    mean=mean, std=std)
+  assert probs.shape == (8, 10) and np.all((probs >= 0) & (probs <= 1))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P('data'))
+  report = evaluate_lib.evaluate(
+      evaluate_lib.make_predict_fn(graphdef, mean=mean, std=std, data_sharding=sharding),
+      {'export': (params, stats)}, test_src, data_sharding=sharding, batch_size=8,
+      image_size=64, threshold=config.eval.threshold, top_k=3, with_auc=False,
+      class_names=exported.class_names)['export']
+  chosen = results['exported_weights']
+  assert chosen in ('model', 'ema')
+  assert report['mAP'] == pytest.approx(results['test'][chosen]['mAP'], abs=1e-4)
+
+
+def test_export_choice_comes_from_the_selection_split_not_test(tmp_path, monkeypatch):
+  """The winner on the selection split is exported, even where the other wins on test."""
+  calls = []
+  real = train._Run.evaluate
+
+  def rigged(self, state, source, *, desc):
+    reports = real(self, state, source, desc=desc)
+    calls.append(desc)
+    # Selection split: the model wins; test: the EMA wins by far.
+    better, worse = ('model', 'ema') if desc != 'test' else ('ema', 'model')
+    reports[better]['mAP'], reports[worse]['mAP'] = 90.0, 10.0
+    return reports
+
+  monkeypatch.setattr(train._Run, 'evaluate', rigged)
+  results = train.train_and_evaluate(_config(), str(tmp_path / 'run'))
+  assert calls[-1] == 'test' and len(calls) >= 2
+  assert results['exported_weights'] == 'model'
+  info = json.load(open(tmp_path / 'run' / 'export' / 'model.json'))
+  assert info['weights'] == 'model'
