@@ -10,6 +10,7 @@ objective; the test mAP it reaches is printed at the end with the full metric ta
 """
 
 import ml_collections
+from ml_collections import FieldReference
 
 from configs import base
 
@@ -20,8 +21,14 @@ def get_config(variant: str = ''):
   c.dataset.train_split = 'train'
   c.dataset.val_split = 'val'
   c.dataset.test_split = 'test'
-  # Split sizes are the source's defaults (train 6000, val 1000, test 1000).
-  c.dataset.options = ml_collections.ConfigDict({'image_size': 64, 'num_classes': 10})
+  # Every option of kmcl_jax.data.synthetic.synthetic; num_examples None = the split's default
+  # size (train 6000, val 1000, test 1000).
+  c.dataset.options = ml_collections.ConfigDict({
+      'num_examples': FieldReference(None, field_type=int),
+      'image_size': 64,
+      'num_classes': 10,
+      'seed': 0,
+  })
   c.dataset.worker_count = 0          # 2 CPU cores: decoding threads beat extra processes here
   c.model.image_size = 64
   c.model.overrides = ml_collections.ConfigDict({'width_factor': 0.25, 'layers': (1, 1, 1, 1)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,26 @@ def write_image(path: str, n: int, size: tuple[int, int] = (40, 30), mode: str =
   if mode == 'L':
     img = img.convert('L')
   img.save(path, quality=95) if path.endswith('.jpg') else img.save(path)
+
+
+def check_records(source, expected: dict, *, colour_check: bool = True):
+  """Every record's labels, difficult flags, dtypes and image identity; exact id set."""
+  assert len(source) == len(expected)
+  seen = set()
+  for i in range(len(source)):
+    r = source[i]
+    assert set(r) == {'image', 'labels', 'difficult', 'id'}
+    labels, difficult = expected[r['id']]
+    assert r['image'].dtype == np.uint8 and r['image'].ndim == 3 and r['image'].shape[2] == 3
+    assert r['labels'].dtype == np.float32 and r['difficult'].dtype == bool
+    np.testing.assert_array_equal(r['labels'], labels)
+    np.testing.assert_array_equal(r['difficult'], difficult)
+    seen.add(r['id'])
+    if colour_check:
+      n = int(''.join(ch for ch in r['id'].split('.')[0].split('_')[0] if ch.isdigit()))
+      mean = r['image'].reshape(-1, 3).mean(0)
+      assert np.abs(mean - colour_of(n)).max() < 6, (r['id'], mean)
+  assert seen == set(expected)
 
 
 def make_voc(root: str, *, n_trainval: int = 7, n_test: int = 5, seed: int = 0) -> dict:
@@ -156,3 +177,43 @@ def make_chestxray14(root: str, *, n_images: int = 16, seed: int = 0) -> dict:
   zeros = np.zeros(14, bool)
   return {'lists': lists, 'patients': patients,
           **{s: {n: (expected_labels[n], zeros) for n in lists[s]} for s in lists}}
+
+
+def make_messy(path: str) -> None:
+  """Rewrites a text file the way a spreadsheet on Windows may save it: UTF-8 byte-order mark,
+  CRLF line endings, trailing spaces on every line."""
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  with open(path, 'w', encoding='utf-8-sig', newline='') as f:
+    f.write(''.join(f'{line}  \r\n' for line in lines))
+
+
+CSV_CLASSES = ('cat', 'dog', 'person', 'zebra')  # sorted; 'zebra' only occurs in test.csv
+CSV_ROWS = {
+    'train': [('images/001.jpg', 'dog cat'), ('images/002.jpg', 'person'),
+              ('images/003.jpg', ''), ('images/004.jpg', 'cat person dog'),
+              ('images/005.png', 'dog')],
+    'val': [('images/006.jpg', 'cat'), ('images/007.jpg', 'person dog')],
+    'test': [('images/008.jpg', 'zebra cat'), ('images/009.jpg', 'dog')],
+}
+
+
+def make_csv(root: str, *, columns: Sequence[str] | None = None) -> dict:
+  """train/val/test.csv over CSV_ROWS, with 'labels' names or, given `columns` (class names in
+  column order), one 0/1 column per class; images/NNN.jpg|png in colour_of(NNN)."""
+  expected = {}
+  for split, rows in CSV_ROWS.items():
+    expected[split] = {}
+    with open(os.path.join(root, f'{split}.csv'), 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['image', *columns] if columns else ['image', 'labels'])
+      for image, names in rows:
+        present = names.split()
+        writer.writerow([image, *(int(c in present) for c in columns)] if columns else
+                        [image, names])
+        order = columns or CSV_CLASSES
+        labels = np.array([c in present for c in order], np.float32)
+        expected[split][image] = (labels, np.zeros(len(order), bool))
+        write_image(os.path.join(root, image), int(image[7:10]), size=(12, 10))
+  expected['class_names'] = tuple(columns or CSV_CLASSES)
+  return expected

@@ -1,35 +1,23 @@
 """Sources read each dataset's real on-disk layout (fixtures in tests/data_fixtures.py)."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data_fixtures as fx
-from kmcl_jax.data import UnreadableImageError, get_source, holdout_split
-from kmcl_jax.data import synthetic, tfds_source
+from kmcl_jax.data import (
+  UnreadableImageError,
+  accepted_options,
+  get_source,
+  holdout_split,
+  pipeline,
+  synthetic,
+  tfds_source,
+)
 from kmcl_jax.data.base import decode_image
-
-
-def _check_records(source, expected: dict, *, colour_check: bool = True):
-  """Every record's labels, difficult flags, dtypes and image identity; exact id set."""
-  assert len(source) == len(expected)
-  seen = set()
-  for i in range(len(source)):
-    r = source[i]
-    assert set(r) == {'image', 'labels', 'difficult', 'id'}
-    labels, difficult = expected[r['id']]
-    assert r['image'].dtype == np.uint8 and r['image'].ndim == 3 and r['image'].shape[2] == 3
-    assert r['labels'].dtype == np.float32 and r['difficult'].dtype == bool
-    np.testing.assert_array_equal(r['labels'], labels)
-    np.testing.assert_array_equal(r['difficult'], difficult)
-    seen.add(r['id'])
-    if colour_check:
-      n = int(''.join(ch for ch in r['id'].split('.')[0].split('_')[0] if ch.isdigit()))
-      mean = r['image'].reshape(-1, 3).mean(0)
-      assert np.abs(mean - fx.colour_of(n)).max() < 6, (r['id'], mean)
-  assert seen == set(expected)
 
 
 def test_voc_labels_and_difficult(tmp_path):
@@ -37,7 +25,7 @@ def test_voc_labels_and_difficult(tmp_path):
   for split in ('trainval', 'test'):
     src = get_source('voc2007', root=str(tmp_path), split=split)
     assert src.class_names == fx.VOC_CLASSES
-    _check_records(src, expected[split])
+    fx.check_records(src, expected[split])
     assert [src[i]['id'] for i in range(len(src))] == sorted(expected[split])
   # root may also be VOCdevkit/VOC2007 itself.
   src = get_source('voc2007', root=str(tmp_path / 'VOCdevkit' / 'VOC2007'), split='test')
@@ -63,11 +51,11 @@ def test_coco_category_gaps_and_unannotated_images(tmp_path):
     assert src.class_names == expected['class_names']
     annotated = {k: v for k, v in expected[split].items() if v[0].any()}
     assert len(annotated) < len(expected[split])  # the fixture has unannotated images
-    _check_records(src, annotated)
+    fx.check_records(src, annotated)
     # increasing image-id order
     assert [int(src[i]['id']) for i in range(len(src))] == sorted(map(int, annotated))
     all_src = get_source('coco2014', root=str(tmp_path), split=split, keep_all_negative=True)
-    _check_records(all_src, expected[split])
+    fx.check_records(all_src, expected[split])
 
 
 def test_coco_subsets(tmp_path):
@@ -90,7 +78,7 @@ def test_adp_drops_unlabelled_rows(tmp_path):
   for split in ('train', 'valid', 'test'):
     src = get_source('adp', root=str(tmp_path), split=split)
     assert src.class_names == fx.ADP_L1
-    _check_records(src, expected[split])
+    fx.check_records(src, expected[split])
   assert len(get_source('adp', root=str(tmp_path), split='train', keep_all_negative=True)) == 7
 
 
@@ -109,7 +97,7 @@ def test_chestxray14_multi_folder_grey_and_no_finding(tmp_path):
   for split in ('train_val', 'test'):
     src = get_source('chestxray14', root=str(tmp_path), split=split)
     assert src.class_names == fx.CXR_CLASSES
-    _check_records(src, expected[split], colour_check=False)
+    fx.check_records(src, expected[split], colour_check=False)
     for i in range(len(src)):
       img = src[i]['image']
       assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()
@@ -353,3 +341,91 @@ def test_holdout_split_is_disjoint_covering_and_seeded():
   assert held.class_names == source.class_names
   with pytest.raises(ValueError, match='fraction'):
     holdout_split(source, 1.5, seed=0)
+
+
+def test_text_files_with_bom_crlf_and_trailing_spaces(tmp_path):
+  # Every label and list file rewritten as a Windows spreadsheet may save it.
+  expected = fx.make_voc(str(tmp_path / 'voc'))
+  for name in os.listdir(tmp_path / 'voc/VOCdevkit/VOC2007/ImageSets/Main'):
+    fx.make_messy(str(tmp_path / 'voc/VOCdevkit/VOC2007/ImageSets/Main' / name))
+  for split in ('trainval', 'test'):
+    fx.check_records(get_source('voc2007', root=str(tmp_path / 'voc'), split=split),
+                     expected[split])
+  expected = fx.make_coco(str(tmp_path / 'coco'))
+  fx.make_messy(str(tmp_path / 'coco/annotations/instances_train2014.json'))
+  ids = tmp_path / 'ids.csv'
+  ids.write_text('25\n9\n')
+  fx.make_messy(str(ids))
+  src = get_source('coco2014', root=str(tmp_path / 'coco'), split='train', subset_ids=str(ids))
+  fx.check_records(src, {k: expected['train'][k] for k in ('25', '9')})
+  expected = fx.make_adp(str(tmp_path / 'adp'))
+  fx.make_messy(str(tmp_path / 'adp/ADP_EncodedLabels_Release1_Flat.csv'))
+  fx.check_records(get_source('adp', root=str(tmp_path / 'adp'), split='train'),
+                   expected['train'])
+  expected = fx.make_chestxray14(str(tmp_path / 'cxr'))
+  for name in ('Data_Entry_2017.csv', 'train_val_list.txt', 'test_list.txt'):
+    fx.make_messy(str(tmp_path / 'cxr' / name))
+  for split in ('train_val', 'test'):
+    fx.check_records(get_source('chestxray14', root=str(tmp_path / 'cxr'), split=split),
+                     expected[split], colour_check=False)
+
+
+def test_label_file_not_utf8_names_file_and_line(tmp_path):
+  fx.make_chestxray14(str(tmp_path))
+  path = tmp_path / 'Data_Entry_2017.csv'
+  lines = path.read_bytes().split(b'\n')
+  lines[3] = lines[3].replace(b',M,', b',M\xe9,')  # a Latin-1 byte
+  path.write_bytes(b'\n'.join(lines))
+  with pytest.raises(ValueError, match=r'Data_Entry_2017\.csv: line 4 is not UTF-8 text'):
+    get_source('chestxray14', root=str(tmp_path), split='test')
+
+
+def test_anything_but_an_image_is_an_unreadable_image_error(tmp_path):
+  jpeg = tmp_path / 'ok.jpg'
+  Image.new('RGB', (40, 30), (1, 2, 3)).save(jpeg, quality=95)
+  png = tmp_path / 'ok.png'
+  Image.new('RGB', (40, 30), (1, 2, 3)).save(png)
+  garbage = np.random.default_rng(0).integers(0, 256, 600, np.uint8).tobytes()
+  cases = {'empty.jpg': b'', 'truncated.jpg': jpeg.read_bytes()[:300],
+           'truncated.png': png.read_bytes()[:60], 'garbage.png': garbage,
+           'jpeg_magic_garbage.jpg': b'\xff\xd8' + garbage, 'text.jpg': b'not an image\n'}
+  for name, content in cases.items():
+    (tmp_path / name).write_bytes(content)
+  (tmp_path / 'folder.jpg').mkdir()
+  for name in [*cases, 'folder.jpg']:
+    for size in (None, 16):
+      with pytest.raises(UnreadableImageError, match=re.escape(str(tmp_path / name))):
+        decode_image(str(tmp_path / name), decode_size=size)
+  with pytest.raises(UnreadableImageError, match='is a directory'):
+    decode_image(str(tmp_path / 'folder.jpg'))
+
+
+def test_skip_unreadable_skips_directories_and_empty_files(tmp_path):
+  fx.make_voc(str(tmp_path), n_trainval=4, n_test=1)
+  images = tmp_path / 'VOCdevkit/VOC2007/JPEGImages'
+  os.remove(images / '000002.jpg')
+  (images / '000002.jpg').mkdir()
+  (images / '000003.jpg').write_bytes(b'')
+  src = get_source('voc2007', root=str(tmp_path), split='trainval')
+  it = pipeline.train_iterator(src, batch_size=2, image_size=16, augment='none', seed=0,
+                               shard_index=0, shard_count=1, skip_unreadable=True)
+  batch = next(it)
+  it.close()
+  assert batch['image'].shape == (2, 16, 16, 3)
+  with pytest.raises(UnreadableImageError, match=r'000002\.jpg: it is a directory'):
+    src[1]
+
+
+def test_options_the_dataset_does_not_accept(tmp_path):
+  fx.make_adp(str(tmp_path))
+  with pytest.raises(ValueError, match=r"^dataset\.options\.levle \(did you mean 'level'\?\): "
+                     r"not an option of dataset 'adp', which accepts decode_size, fraction, "
+                     r'keep_all_negative, level, subset_seed, subset_size$'):
+    get_source('adp', root=str(tmp_path), split='train', levle='L2')
+  with pytest.raises(ValueError, match=r"dataset\.options\.decode_size: .* 'synthetic'"):
+    get_source('synthetic', split='train', decode_size=64)
+  with pytest.raises(ValueError, match=r"^dataset\.options\.dataset: required by dataset 'tfds'"):
+    get_source('tfds', split='train')
+  assert accepted_options('voc2007') == {
+      'decode_size': None, 'keep_all_negative': True, 'fraction': None, 'subset_size': None,
+      'subset_seed': 0}

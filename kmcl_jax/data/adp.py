@@ -14,12 +14,17 @@ authors do.
 
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
 
-from kmcl_jax.data.base import FileSource, check_split, require_dir, require_file
+from kmcl_jax.data.base import (
+  FileSource,
+  check_split,
+  csv_rows,
+  require_dir,
+  require_file,
+)
 
 CSV_NAME = 'ADP_EncodedLabels_Release1_Flat.csv'
 RELEASE_DIR = 'ADP V1.0 Release'
@@ -41,6 +46,7 @@ NAME_COLUMN = 'Patch Names'
 
 
 def find_release_dir(root: str) -> str:
+  """`root`, or `root`/'ADP V1.0 Release' when the release folder is inside it."""
   require_dir(root, 'ADP root')
   nested = os.path.join(root, RELEASE_DIR)
   return nested if os.path.isdir(nested) else root
@@ -48,28 +54,28 @@ def find_release_dir(root: str) -> str:
 
 def read_csv(path: str, columns: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
   """Patch names and float32 [rows, len(columns)] 0/1 labels of every data row."""
-  with open(require_file(path, 'ADP label csv'), newline='') as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f'{path}: empty file; expected a header starting with {NAME_COLUMN!r}')
-    header = [h.strip() for h in header]
-    missing = [c for c in (NAME_COLUMN,) + columns if c not in header]
-    if missing:
-      raise ValueError(f'{path}: missing column(s) {missing}; expected {NAME_COLUMN!r} and the '
-                       f'class columns {list(columns)}')
-    name_col = header.index(NAME_COLUMN)
-    cols = [header.index(c) for c in columns]
-    names, rows = [], []
-    for n, row in enumerate(reader, 2):
-      try:
-        values = [float(row[c]) for c in cols]
-      except (ValueError, IndexError):
-        raise ValueError(f'{path}:{n}: expected 0/1 in the class columns, got {row}') from None
-      if any(v not in (0.0, 1.0) for v in values):
-        raise ValueError(f'{path}:{n}: label values must be 0 or 1, got {values}')
-      names.append(row[name_col])
-      rows.append(values)
+  table = csv_rows(require_file(path, 'ADP label csv'))
+  if not table:
+    raise ValueError(f'{path}: empty file; expected a header starting with {NAME_COLUMN!r}')
+  header = [h.strip() for h in table[0]]
+  missing = [c for c in (NAME_COLUMN,) + columns if c not in header]
+  if missing:
+    raise ValueError(f'{path}: missing column(s) {missing}; expected {NAME_COLUMN!r} and the '
+                     f'class columns {list(columns)}')
+  name_col = header.index(NAME_COLUMN)
+  cols = [header.index(c) for c in columns]
+  names, rows = [], []
+  for n, row in enumerate(table[1:], 2):
+    if not any(cell.strip() for cell in row):
+      continue  # blank line (pandas, which wrote the split indices, skips them too)
+    try:
+      values = [float(row[c]) for c in cols]
+    except (ValueError, IndexError):
+      raise ValueError(f'{path}:{n}: expected 0/1 in the class columns, got {row}') from None
+    if any(v not in (0.0, 1.0) for v in values):
+      raise ValueError(f'{path}:{n}: label values must be 0 or 1, got {values}')
+    names.append(row[name_col].strip())
+    rows.append(values)
   return names, np.asarray(rows, np.float32).reshape(len(rows), len(columns))
 
 

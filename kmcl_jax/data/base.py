@@ -21,12 +21,15 @@ here with the file's name rather than later as a silent grey block.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import simplejpeg
+from grain.sources import RandomAccessDataSource
 from PIL import Image, UnidentifiedImageError
 
 _JPEG_MAGIC = b'\xff\xd8'
@@ -46,13 +49,19 @@ def decode_image(path: str, *, decode_size: int | None = None) -> np.ndarray:
 
   Raises:
     FileNotFoundError: the file does not exist.
-    UnreadableImageError: the file cannot be decoded completely.
+    UnreadableImageError: anything at `path` that is not a complete, decodable image (a
+      directory, an empty, truncated or corrupt file, an unknown format, no read permission).
   """
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except FileNotFoundError:
     raise FileNotFoundError(f'Image file not found: {path}') from None
+  except IsADirectoryError:
+    raise UnreadableImageError(f'Cannot read image {path}: it is a directory, not an image '
+                               'file') from None
+  except OSError as e:  # permissions, I/O errors: skip_unreadable may skip these too
+    raise UnreadableImageError(f'Cannot read image {path}: {e.strerror or e}') from e
   if data[:2] == _JPEG_MAGIC:
     try:
       size = decode_size or 0
@@ -78,19 +87,50 @@ def decode_image(path: str, *, decode_size: int | None = None) -> np.ndarray:
         f'Cannot decode image {path}: {reason} (expected a complete JPEG or PNG file)') from e
 
 
+def read_text(path: str) -> str:
+  """A UTF-8 text file's contents, without a byte-order mark, line endings as written.
+
+  Spreadsheets write a BOM and CRLF line endings; the csv module reads CRLF itself (give it
+  `io.StringIO(text, newline='')`) and `str.splitlines` drops both kinds of ending.
+
+  Raises:
+    ValueError: the file is not UTF-8 (naming the file and line).
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    raise ValueError(f'{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save '
+                     'the file with UTF-8 encoding (e.g. "CSV UTF-8" in a spreadsheet)') from None
+
+
+def csv_rows(path: str) -> list[list[str]]:
+  """The rows of a UTF-8 csv file (see `read_text`), cells as written (not stripped)."""
+  reader = csv.reader(io.StringIO(read_text(path), newline=''))
+  try:
+    return list(reader)
+  except csv.Error as e:  # e.g. a NUL byte: not a text file
+    raise ValueError(f'{path}: line {reader.line_num}: not a valid csv file ({e})') from None
+
+
 def require_dir(path: str, what: str) -> str:
+  """`path` if it is a directory, else FileNotFoundError naming `what` and the path."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{what} not found: expected a directory at {path}')
   return path
 
 
 def require_file(path: str, what: str) -> str:
+  """`path` if it is a file, else FileNotFoundError naming `what` and the path."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{what} not found: expected a file at {path}')
   return path
 
 
 def check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
+  """ValueError naming the dataset and its splits unless `split` is one of them."""
   if split not in splits:
     raise ValueError(f'{dataset}: unknown split {split!r}; expected one of {tuple(splits)}')
 
@@ -190,7 +230,7 @@ class FileSource:
 class Subset:
   """The records of `source` at `indices`, in that order, with the source's class names."""
 
-  def __init__(self, source, indices: np.ndarray):
+  def __init__(self, source: RandomAccessDataSource, indices: np.ndarray):
     self._source = source
     self._indices = np.asarray(indices, np.int64)
     self.class_names = source.class_names
@@ -198,14 +238,15 @@ class Subset:
   def __len__(self) -> int:
     return len(self._indices)
 
-  def __getitem__(self, index: int):
+  def __getitem__(self, index: int) -> dict[str, Any]:
     return self._source[int(self._indices[index])]
 
   def __repr__(self) -> str:
     return f'Subset({self._source!r}, {len(self)} records)'
 
 
-def holdout_split(source, fraction: float, *, seed: int) -> tuple[Subset, Subset]:
+def holdout_split(source: RandomAccessDataSource, fraction: float, *,
+                  seed: int) -> tuple[Subset, Subset]:
   """(rest, held out): a seeded random `fraction` of `source` set aside for model selection,
   for datasets without a validation split (VOC, COCO). Both keep the source's order."""
   if not 0 < fraction < 1:
@@ -213,5 +254,5 @@ def holdout_split(source, fraction: float, *, seed: int) -> tuple[Subset, Subset
   if len(source) < 2:
     raise ValueError(f'cannot hold out part of {source!r}: it has {len(source)} record(s)')
   order = np.random.default_rng(seed).permutation(len(source))
-  n_held = min(len(source) - 1, max(1, int(round(fraction * len(source)))))
+  n_held = min(len(source) - 1, max(1, round(fraction * len(source))))
   return Subset(source, np.sort(order[n_held:])), Subset(source, np.sort(order[:n_held]))

@@ -18,13 +18,19 @@ the authors' reader drops them and uses only the first 10% of each list, which
 
 from __future__ import annotations
 
-import csv
 import glob
 import os
 
 import numpy as np
 
-from kmcl_jax.data.base import FileSource, check_split, require_dir, require_file
+from kmcl_jax.data.base import (
+  FileSource,
+  check_split,
+  csv_rows,
+  read_text,
+  require_dir,
+  require_file,
+)
 
 CLASS_NAMES = ('Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
                'Pneumonia', 'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis',
@@ -40,26 +46,29 @@ def read_entries(path: str) -> dict[str, tuple[np.ndarray, str]]:
   """Image name -> (labels float32 [14], patient id) from the Data_Entry csv."""
   index = {name: k for k, name in enumerate(CLASS_NAMES)}
   entries = {}
-  with open(path, newline='') as f:
-    reader = csv.reader(f)
-    header = [h.strip() for h in next(reader, [])]
-    missing = [c for c in _COLUMNS if c not in header]
-    if missing:
-      raise ValueError(f'{path}: missing column(s) {missing}; expected {list(_COLUMNS)}')
-    name_col, label_col, patient_col = (header.index(c) for c in _COLUMNS)
-    for n, row in enumerate(reader, 2):
-      if not row:
+  table = csv_rows(path)
+  header = [h.strip() for h in (table[0] if table else [])]
+  missing = [c for c in _COLUMNS if c not in header]
+  if missing:
+    raise ValueError(f'{path}: missing column(s) {missing}; expected {list(_COLUMNS)}')
+  name_col, label_col, patient_col = (header.index(c) for c in _COLUMNS)
+  width = max(name_col, label_col, patient_col) + 1
+  for n, row in enumerate(table[1:], 2):
+    if not any(cell.strip() for cell in row):
+      continue
+    if len(row) < width:
+      raise ValueError(f'{path}:{n}: {len(row)} field(s), expected at least {width} to reach '
+                       f'the columns {list(_COLUMNS)}')
+    labels = np.zeros(len(CLASS_NAMES), np.float32)
+    for finding in row[label_col].split('|'):
+      finding = finding.strip()
+      if finding == NO_FINDING:
         continue
-      labels = np.zeros(len(CLASS_NAMES), np.float32)
-      for finding in row[label_col].split('|'):
-        finding = finding.strip()
-        if finding == NO_FINDING:
-          continue
-        if finding not in index:
-          raise ValueError(f'{path}:{n}: unknown finding {finding!r}; expected one of '
-                           f'{CLASS_NAMES + (NO_FINDING,)}')
-        labels[index[finding]] = 1.0
-      entries[row[name_col].strip()] = (labels, row[patient_col].strip())
+      if finding not in index:
+        raise ValueError(f'{path}:{n}: unknown finding {finding!r}; expected one of '
+                         f'{CLASS_NAMES + (NO_FINDING,)}')
+      labels[index[finding]] = 1.0
+    entries[row[name_col].strip()] = (labels, row[patient_col].strip())
   return entries
 
 
@@ -80,8 +89,8 @@ def index_images(root: str) -> dict[str, str]:
 
 
 def _read_list(path: str) -> list[str]:
-  with open(require_file(path, 'ChestX-ray14 split list')) as f:
-    names = [line.strip() for line in f if line.strip()]
+  text = read_text(require_file(path, 'ChestX-ray14 split list'))
+  names = [line.strip() for line in text.splitlines() if line.strip()]
   if not names:
     raise ValueError(f'{path}: empty split list; expected one image name per line')
   return names
@@ -92,7 +101,7 @@ def patient_split(patients: list[str], *, val_fraction: float,
   """Positions of train and val images, splitting the patients with a fixed seed."""
   unique = sorted(set(patients))
   rng = np.random.default_rng(seed)
-  val_patients = set(rng.permutation(unique)[: int(round(val_fraction * len(unique)))])
+  val_patients = set(rng.permutation(unique)[: round(val_fraction * len(unique))])
   val = [i for i, p in enumerate(patients) if p in val_patients]
   train = [i for i, p in enumerate(patients) if p not in val_patients]
   return train, val

@@ -23,18 +23,25 @@ import os
 
 import numpy as np
 
-from kmcl_jax.data.base import FileSource, check_split, require_dir, require_file
+from kmcl_jax.data.base import (
+  FileSource,
+  check_split,
+  read_text,
+  require_dir,
+  require_file,
+)
 
 SPLITS = ('train', 'val')
 
 
 def read_instances(path: str) -> tuple[list[dict], np.ndarray, tuple[str, ...]]:
   """(images sorted by id, labels float32 [N, K], class names) from an instances json."""
-  with open(require_file(path, 'COCO annotation file')) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from e
+  with open(require_file(path, 'COCO annotation file'), 'rb') as f:
+    raw = f.read()
+  try:
+    data = json.loads(raw)  # bytes: json detects the encoding and a byte-order mark
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from e
   missing = [k for k in ('images', 'annotations', 'categories') if k not in data]
   if missing:
     raise ValueError(f'{path}: missing key(s) {missing}; expected a COCO instances file')
@@ -53,15 +60,14 @@ def read_instances(path: str) -> tuple[list[dict], np.ndarray, tuple[str, ...]]:
 
 def _read_id_file(path: str) -> list[int]:
   ids = []
-  with open(require_file(path, 'COCO subset id file')) as f:
-    for n, line in enumerate(f, 1):
-      text = line.strip().split(',')[0]
-      if not text:
-        continue
-      try:
-        ids.append(int(float(text)))
-      except ValueError:
-        raise ValueError(f'{path}:{n}: expected an image id, got {line.strip()!r}') from None
+  for n, line in enumerate(read_text(require_file(path, 'COCO subset id file')).splitlines(), 1):
+    text = line.strip().split(',')[0].strip()
+    if not text:
+      continue
+    try:
+      ids.append(int(float(text)))
+    except ValueError:
+      raise ValueError(f'{path}:{n}: expected an image id, got {line.strip()!r}') from None
   return ids
 
 

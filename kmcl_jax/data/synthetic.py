@@ -93,7 +93,8 @@ def sample_classes(rng: np.random.Generator, num_classes: int) -> list[int]:
   return present
 
 
-def _polygon(cx, cy, r, n, angle, inner=None):
+def _polygon(cx: float, cy: float, r: float, n: int, angle: float,
+             inner: float | None = None) -> list[tuple[float, float]]:
   pts = []
   for i in range(n * (2 if inner else 1)):
     rad = r if (inner is None or i % 2 == 0) else inner
@@ -208,11 +209,13 @@ class SyntheticSource:
             f'K={self.num_classes}, {self.image_size}px, seed={self.seed})')
 
 
-def synthetic(*, root: str | None = None, split: str, decode_size: int | None = None,
-              **options) -> SyntheticSource:
-  """`get_source` entry point; reads nothing from disk.
+def synthetic(*, root: str | None = None, split: str, num_examples: int | None = None,
+              image_size: int = 64, num_classes: int = 10, seed: int = 0) -> SyntheticSource:
+  """`get_source` entry point; reads nothing from disk (`root` is ignored).
 
-  `root` and the `decode_size` hint (which every source accepts) are ignored.
+  Options: `num_examples` (None: the split's default size, DEFAULT_NUM_EXAMPLES), `image_size`
+  (square side in pixels, >= 16), `num_classes` (>= 7) and `seed`.
   """
-  del root, decode_size
-  return SyntheticSource(split=split, **options)
+  del root
+  return SyntheticSource(split=split, num_examples=num_examples, image_size=image_size,
+                         num_classes=num_classes, seed=seed)

@@ -21,7 +21,7 @@ opened from its prepared directory (`tfds.builder_from_directory`), which needs 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ MAPPERS: dict[str, Callable[[dict[str, Any], int], tuple[np.ndarray, np.ndarray,
 _DROP_NEGATIVE_BY_DEFAULT = {'coco/2014': True}
 
 
-def class_names_of(dataset: str, features) -> tuple[str, ...]:
+def class_names_of(dataset: str, features: Mapping[str, Any]) -> tuple[str, ...]:
   """Class names from the TFDS feature spec of `dataset`."""
   if dataset == 'coco/2014':
     return tuple(features['objects']['label'].names)

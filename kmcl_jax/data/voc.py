@@ -19,7 +19,13 @@ import os
 
 import numpy as np
 
-from kmcl_jax.data.base import FileSource, check_split, require_dir, require_file
+from kmcl_jax.data.base import (
+  FileSource,
+  check_split,
+  read_text,
+  require_dir,
+  require_file,
+)
 
 CLASS_NAMES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
                'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
@@ -40,20 +46,18 @@ def find_voc_dir(root: str) -> str:
 
 
 def _read_ids(path: str) -> list[str]:
-  with open(path) as f:
-    return [line.split()[0] for line in f if line.strip()]
+  return [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
 
 
 def _read_class_file(path: str) -> dict[str, int]:
   values = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      parts = line.split()
-      if not parts:
-        continue
-      if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
-        raise ValueError(f'{path}:{n}: expected "<image id> <1|-1|0>", got {line.strip()!r}')
-      values[parts[0]] = int(parts[1])
+  for n, line in enumerate(read_text(path).splitlines(), 1):
+    parts = line.split()
+    if not parts:
+      continue
+    if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
+      raise ValueError(f'{path}:{n}: expected "<image id> <1|-1|0>", got {line.strip()!r}')
+    values[parts[0]] = int(parts[1])
   return values
 
 
