@@ -524,9 +524,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return meta
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `kmcl-convert` command: `main` with a one-line error message instead of a traceback."""
   try:
     main()
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
+
+
+if __name__ == '__main__':
+  run()

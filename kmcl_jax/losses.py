@@ -1,4 +1,4 @@
-"""The KMCL objective: reconstruction, ASL and kernel contrastive losses (SPEC sections 2-4).
+"""The KMCL objective: reconstruction, ASL and kernel contrastive losses (docs/method.md).
 
 Every function is pure, keyword-only and jit-able, and computes in float32 whatever dtype its
 inputs carry. Similarities are handled as log-similarities: with feature width M = 2048 the
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 KINDS = ('bhattacharyya', 'mahalanobis', 'gaussian')
 VARIANTS = ('paper', 'official')
@@ -43,7 +45,7 @@ _OFFICIAL_LOG_OFFSET = 1e-7           # log(J * ratio + 1e-7) in their contrasti
 _OFFICIAL_TEMPERATURE = 0.17
 
 
-def _f32(x) -> jax.Array:
+def _f32(x: ArrayLike) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
@@ -80,8 +82,9 @@ def _per_dim_log_similarity(mu_p, var_p, mu_q, var_q, kind):
   return -(det_term + mean_term)
 
 
-def log_similarity(*, mu_p, var_p, mu_q, var_q, feature_dim: int,
-                   kind: str = 'bhattacharyya', anisotropic: bool = False) -> jax.Array:
+def log_similarity(*, mu_p: ArrayLike, var_p: ArrayLike, mu_q: ArrayLike, var_q: ArrayLike,
+                   feature_dim: int, kind: str = 'bhattacharyya',
+                   anisotropic: bool = False) -> jax.Array:
   """Elementwise log of the similarity rho(p, q) between two exponential kernels.
 
   Isotropic (Eq. 3b, 2a, 2b): each entry is a kernel with mean mu * 1 and covariance var * I in
@@ -168,7 +171,7 @@ def _pairwise_kernels_bwd(kind, anisotropic, scale, residuals, g):
 _pairwise_kernels.defvjp(_pairwise_kernels_fwd, _pairwise_kernels_bwd)
 
 
-def pairwise_log_similarity(*, mu, var, feature_dim: int,
+def pairwise_log_similarity(*, mu: ArrayLike, var: ArrayLike, feature_dim: int,
                             kind: str = 'bhattacharyya') -> jax.Array:
   """log rho^{nm}_k for all pairs of samples: [N, N, K], entry [n, m, k] = log rho(g_k^n, g_k^m).
 
@@ -199,7 +202,7 @@ def pairwise_log_similarity(*, mu, var, feature_dim: int,
   raise ValueError(f'unsupported kernel shapes: mu {mu.shape}, var {var.shape}.')
 
 
-def _log_kernels(features, mu, var) -> jax.Array:
+def _log_kernels(features: ArrayLike, mu: ArrayLike, var: ArrayLike) -> jax.Array:
   """log g_k(f^n) = -||f^n - mu_k||^2_{var^-1} / 2 for every sample and class: [N, K]."""
   f, mu, var = _f32(features), _f32(mu), _f32(var)
   if mu.ndim == 3:  # anisotropic: per-dimension means and variances
@@ -239,7 +242,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
 
 
-def reconstruction_loss(*, features, pi_logits, mu, var, labels,
+def reconstruction_loss(*, features: ArrayLike, pi_logits: ArrayLike, mu: ArrayLike,
+                        var: ArrayLike, labels: ArrayLike,
                         variant: str = 'paper') -> jax.Array:
   """L_REC (Eq. 5): mean_n [logsumexp_k (log pi_k + log g_k) - logsumexp_{y_k=1} (...)].
 
@@ -269,9 +273,9 @@ def reconstruction_loss(*, features, pi_logits, mu, var, labels,
   return _masked_mean(per_sample, has_positive)
 
 
-def asl_loss(*, logits, labels, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
-             clip: float = 0.05, eps: float = 1e-7, detach_focusing: bool = True,
-             reduction: str = 'mean') -> jax.Array:
+def asl_loss(*, logits: ArrayLike, labels: ArrayLike, gamma_pos: float = 0.0,
+             gamma_neg: float = 4.0, clip: float = 0.05, eps: float = 1e-7,
+             detach_focusing: bool = True, reduction: str = 'mean') -> jax.Array:
   """Asymmetric loss (Eq. 6, Ridnik et al. 2021), per element
   -[y (1-p)^gamma_pos log(max(p, eps)) + (1-y) p_m^gamma_neg log(max(1-p_m, eps))],
   p = sigmoid(logit), p_m = max(p - clip, 0).
@@ -309,14 +313,15 @@ def _jaccard(labels: jax.Array) -> jax.Array:
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
 
 
-def kmcl_contrastive_loss(*, mu, var, labels, feature_dim: int, temperature: float = 0.2,
+def kmcl_contrastive_loss(*, mu: ArrayLike, var: ArrayLike, labels: ArrayLike,
+                          feature_dim: int, temperature: float = 0.2,
                           kind: str = 'bhattacharyya', variant: str = 'paper') -> jax.Array:
   """L_KMCL (Eq. 7), vectorised over [N, N, K]. 0 (not NaN) when no anchor has a positive.
 
   Paper: mean over anchors n with positives A(n) = {m != n : y_n . y_m > 0} of
     -(1/|A(n)|) sum_{m in A(n)} J(n,m) sum_{k shared}
         [rho^{nm}_k/tau - logsumexp_{i!=n} rho^{ni}_k/tau].
-  variant='official' (SPEC section 4): Jaccard inside the log, log(J * ratio + 1e-7), the sum
+  variant='official' (docs/method.md): Jaccard inside the log, log(J * ratio + 1e-7), the sum
   over anchors divided by N, and the anisotropic per-dimension terms multiplied by D.
   """
   _check_variant(variant)
@@ -346,7 +351,7 @@ def kmcl_contrastive_loss(*, mu, var, labels, feature_dim: int, temperature: flo
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Loss settings. `None` means the variant's own value (SPEC section 4):
+  """Loss settings. `None` means the variant's own value (docs/method.md):
 
   | setting      | 'paper' | 'official' |
   |--------------|---------|------------|
@@ -368,7 +373,7 @@ class LossConfig:
   asl_eps: float = 1e-7
   asl_detach_focusing: bool = True
 
-  def resolved(self) -> 'LossConfig':
+  def resolved(self) -> LossConfig:
     """The same settings with every `None` replaced by the variant's value."""
     _check_variant(self.variant)
     _check_kind(self.kind)
@@ -381,7 +386,7 @@ class LossConfig:
     return dataclasses.replace(self, **updates)
 
   @classmethod
-  def from_mapping(cls, mapping: Mapping[str, Any]) -> 'LossConfig':
+  def from_mapping(cls, mapping: Mapping[str, Any]) -> LossConfig:
     """From a dict or ml_collections ConfigDict; unknown keys are an error."""
     items = dict(mapping.items()) if hasattr(mapping, 'items') else dict(mapping)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -391,8 +396,9 @@ class LossConfig:
     return cls(**items)
 
 
-def kmcl_objective(*, features, head: Mapping[str, jax.Array], labels,
-                   config: LossConfig | Mapping[str, Any]):
+def kmcl_objective(*, features: ArrayLike, head: Mapping[str, jax.Array], labels: ArrayLike,
+                   config: LossConfig | Mapping[str, Any]
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 8: L = L_REC + lambda_1 L_ASL + lambda_2 L_KMCL, or L_ASL alone when asl_only.
 
   Args:
@@ -416,7 +422,7 @@ def kmcl_objective(*, features, head: Mapping[str, jax.Array], labels,
   rec = reconstruction_loss(features=features, pi_logits=head['pi_logits'], mu=head['mu'],
                             var=head['var'], labels=labels, variant=cfg.variant)
   kmcl = kmcl_contrastive_loss(mu=head['mu'], var=head['var'], labels=labels,
-                               feature_dim=features.shape[-1], temperature=cfg.temperature,
+                               feature_dim=jnp.shape(features)[-1], temperature=cfg.temperature,
                                kind=cfg.kind, variant=cfg.variant)
   loss = rec + cfg.lambda_asl * asl + cfg.lambda_kmcl * kmcl
   return loss, {'loss': loss, 'asl': asl, 'rec': rec, 'kmcl': kmcl}

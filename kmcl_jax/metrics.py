@@ -1,4 +1,4 @@
-"""Multilabel evaluation metrics (SPEC section 7), computed on the host with numpy.
+"""Multilabel evaluation metrics (docs/metrics.md), computed on the host with numpy.
 
 Evaluation gathers every sample's scores before ranking, so these functions take whole
 [N, K] arrays (N samples, K classes) and never run inside a jitted step. They compute in
@@ -36,14 +36,16 @@ Conventions (the choices that change figures, so written down once):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 _METRIC_NAMES = ('OP', 'OR', 'OF1', 'CP', 'CR', 'CF1')
 
 
-def _as_mask(name: str, array: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _as_mask(name: str, array: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
   """Returns a 0/1 array of `shape` as bool, or raises ValueError naming the problem."""
   mask = np.asarray(array)
   if mask.shape != shape:
@@ -58,7 +60,7 @@ def _as_mask(name: str, array: Any, shape: tuple[int, ...]) -> np.ndarray:
   return mask
 
 
-def _validated(scores: Any, labels: Any, ignore: Any = None
+def _validated(scores: ArrayLike, labels: ArrayLike, ignore: ArrayLike | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Checks shapes and values; returns float64 scores, bool labels, bool keep-mask."""
   scores = np.asarray(scores)
@@ -95,7 +97,8 @@ def _f1(precision: float, recall: float) -> float:
   return 2.0 * precision * recall / total if total > 0 else 0.0
 
 
-def average_precision(scores: Any, labels: Any, *, ignore: Any = None) -> np.ndarray:
+def average_precision(scores: ArrayLike, labels: ArrayLike, *,
+                      ignore: ArrayLike | None = None) -> np.ndarray:
   """Per-class average precision: the mean of the precision at the rank of each positive.
 
   Args:
@@ -123,13 +126,15 @@ def average_precision(scores: Any, labels: Any, *, ignore: Any = None) -> np.nda
   return ap
 
 
-def mean_average_precision(scores: Any, labels: Any, *, ignore: Any = None) -> float:
+def mean_average_precision(scores: ArrayLike, labels: ArrayLike, *,
+                           ignore: ArrayLike | None = None) -> float:
   """mAP x100 over the classes with at least one positive (0.0 if there are none)."""
   return 100.0 * _mean_defined(average_precision(scores, labels, ignore=ignore))
 
 
-def threshold_metrics(scores: Any, labels: Any, *, threshold: float, top_k: int | None = None,
-                      ignore: Any = None) -> dict[str, float]:
+def threshold_metrics(scores: ArrayLike, labels: ArrayLike, *, threshold: float,
+                      top_k: int | None = None,
+                      ignore: ArrayLike | None = None) -> dict[str, float]:
   """Overall and per-class precision, recall and F1 (x100) of thresholded predictions.
 
   Args:
@@ -173,7 +178,8 @@ def threshold_metrics(scores: Any, labels: Any, *, threshold: float, top_k: int 
   return {name: 100.0 * float(v) for name, v in zip(_METRIC_NAMES, values)}
 
 
-def roc_auc(scores: Any, labels: Any, *, ignore: Any = None) -> np.ndarray:
+def roc_auc(scores: ArrayLike, labels: ArrayLike, *,
+            ignore: ArrayLike | None = None) -> np.ndarray:
   """Per-class area under the ROC curve, tied positive/negative pairs counting half.
 
   AUC = U / (P * Q) with U the Mann-Whitney statistic: for each positive, the number of
@@ -215,7 +221,7 @@ def roc_auc(scores: Any, labels: Any, *, ignore: Any = None) -> np.ndarray:
   return auc
 
 
-def evaluation_report(scores: Any, labels: Any, *, difficult: Any = None,
+def evaluation_report(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayLike | None = None,
                       threshold: float = 0.8, top_k: int | None = 3, with_auc: bool = False,
                       class_names: Sequence[str] | None = None) -> dict[str, Any]:
   """Every figure of the paper's tables for one set of scores, as JSON-ready Python values.

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate/beta1 schedule and weight EMA of the training recipe (SPEC section 5).
+"""Optimiser, learning-rate/beta1 schedule and weight EMA of the recipe (docs/training.md).
 
 The authors train with torch's `Adam(param_groups)` driven by `OneCycleLR(pct_start=0.2)` and
 keep a `ModelEma(decay=0.9997)`. This module reproduces that arithmetic with optax:

@@ -1,7 +1,7 @@
 """KMCL losses against brute-force references written from the paper's equations.
 
 The references below are plain Python loops in float64 over samples, classes and dimensions,
-transcribed from SPEC sections 2-4 (Eq. 1, 3a, 3b, 5, 6, 7, 8), independent of the vectorised
+transcribed from docs/method.md (Eq. 1, 3a, 3b, 5, 6, 7, 8), independent of the vectorised
 code under test.
 """
 

@@ -6,6 +6,7 @@ fails with the list of valid names and every variant can be found by reading thi
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from kmcl_jax.models.kmm import KernelMixtureModule
 from kmcl_jax.models.tresnet import TResNet
@@ -19,7 +20,8 @@ ENCODERS: dict[str, dict] = {
 }
 
 
-def create_encoder(name: str, *, rngs: nnx.Rngs, dtype=jnp.float32, **overrides) -> TResNet:
+def create_encoder(name: str, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32,
+                   **overrides) -> TResNet:
   """Builds encoder `name`; `overrides` replace TResNet arguments (e.g. layers, width_factor)."""
   if name not in ENCODERS:
     raise ValueError(f'Unknown encoder {name!r}; valid names: {sorted(ENCODERS)}.')

@@ -3,7 +3,7 @@
 The KMM holds the anisotropic case's learned M -> D reduction (`kmm.reduce`, the authors' 1x1
 Conv1d `downsampler`) and the 'ASL only' baseline (pi layer only), so this module only wires the
 two together. Images are expected already normalised: normalisation is a per-dataset choice made
-in the input pipeline / train step (SPEC, data section), not a model property.
+in the input pipeline / train step (docs/datasets.md), not a model property.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from kmcl_jax.models import create_encoder
 from kmcl_jax.models.kmm import KernelMixtureModule
@@ -33,7 +34,7 @@ class KMCLModel(nnx.Module):
 
   def __init__(self, encoder_name: str, num_classes: int, *, kind: str = 'bhattacharyya',
                anisotropic: bool = False, reduced_dim: int = 128, asl_only: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs, **encoder_overrides):
+               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs, **encoder_overrides):
     self.encoder_name = encoder_name
     self.encoder = create_encoder(encoder_name, rngs=rngs, dtype=dtype, **encoder_overrides)
     self.kmm = KernelMixtureModule(self.encoder.num_features, num_classes, kind=kind,

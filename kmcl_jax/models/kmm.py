@@ -1,6 +1,6 @@
 """Kernel Mixture Module (KMM): per-class mixture weight, kernel mean and variance.
 
-SPEC section 1 (paper Eq. 4, 16, 17). Three dense layers on the feature f:
+docs/method.md (paper Eq. 4, 16, 17). Three dense layers on the feature f:
 
   pi_logits = a_pi(f)                 [N, K]    pi = sigmoid(pi_logits) is the classifier
   mu        = a_mu(f)                 see below
@@ -33,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from kmcl_jax.models import initializers
 
@@ -55,7 +56,7 @@ class KernelMixtureModule(nnx.Module):
 
   def __init__(self, in_features: int, num_classes: int, *, kind: str = 'bhattacharyya',
                anisotropic: bool = False, reduced_dim: int = 128, asl_only: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     if kind not in KINDS:
       raise ValueError(f'KMM kind must be one of {KINDS}, got {kind!r}.')
     if in_features < 1 or num_classes < 1 or reduced_dim < 1:

@@ -13,7 +13,7 @@ little above the published convolution/linear-only MAC counts.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +22,13 @@ from flax import nnx
 from kmcl_jax.models import ENCODERS, KMCLModel, create_encoder
 
 
-def parameter_count(module_fn) -> int:
+def parameter_count(module_fn: Callable[[], nnx.Module]) -> int:
   """Number of trainable parameters (BatchNorm statistics excluded) of `module_fn()`."""
   abstract = nnx.eval_shape(module_fn)
   return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-def forward_macs(module_fn, image_size: int, batch: int = 1) -> float:
+def forward_macs(module_fn: Callable[[], nnx.Module], image_size: int, batch: int = 1) -> float:
   """Inference-forward multiply-accumulates per image, from XLA's compiled cost analysis."""
   abstract = nnx.eval_shape(module_fn)
   abstract.eval()
