@@ -21,13 +21,20 @@ r % shard_count), in file order, resized only. The last batch is padded with `ma
 examples and every process yields the same number of batches, so collectives in a multi-host
 evaluation never wait on a process that ran out of data and metrics see each record once.
 
-Unreadable images stop the pipeline with an error naming the file (also from inside a worker
-process: grain re-raises it in the main process). With `skip_unreadable=True` such records are
-dropped instead, counted, logged once per epoch, and readable with `skipped_count()`.
+Unreadable images. `preflight` checks, before training, that every image file of a split exists
+and is not empty (a stat per file). While reading, an image that does not decode stops the
+pipeline with an error naming the file (also from inside a worker process: grain re-raises it in
+the main process). With `skip_unreadable=True` instead: `preflight` drops missing and empty
+files from the split and counts them; the train stream drops records that do not decode, counts
+them in its iterator state (`skipped_count(iterator)`, checkpointed with the iterator) and fails
+within one epoch when an epoch holds less than one batch of readable records; an eval source
+wrapped in `SkipUnreadable` turns them into masked-out records and counts them.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -39,9 +46,9 @@ import numpy as np
 from absl import logging
 
 from kmcl_jax.data import augment as augment_lib
-from kmcl_jax.data.base import UnreadableImageError
+from kmcl_jax.data.base import Subset, UnreadableImageError
 
-# Per-dataset (mean, std) applied to images in [0, 1] (SPEC section 5). The ImageNet-pretrained
+# Per-dataset (mean, std) applied to images in [0, 1] (docs/datasets.md). The ImageNet-pretrained
 # TResNet weights (timm 'tresnet_*.miil_*', ASL) were trained on raw [0, 1] inputs, i.e. 'none';
 # the authors normalise anyway, so the choice is a config setting.
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -68,13 +75,109 @@ def normalize(images: jax.Array | np.ndarray, mean: Sequence[float], std: Sequen
   return (jnp.asarray(images).astype(jnp.float32) / 255.0 - mean) / std
 
 
-_skip_lock = threading.Lock()
-_skipped_total = 0
+_SKIPPED_KEY = 'skipped_unreadable'
+# What reading an image raises when the file is missing, empty, corrupt or not a file.
+_UNREADABLE = (UnreadableImageError, OSError)
 
 
-def skipped_count() -> int:
-  """Records this process has dropped as unreadable (`skip_unreadable=True`) since start-up."""
-  return _skipped_total
+class InputError(ValueError):
+  """A split cannot feed the run (unreadable images, too few readable ones); names the split."""
+
+
+def image_paths(source) -> np.ndarray | None:
+  """The image file of each record of a file-backed source (or a subset of one), else None."""
+  if hasattr(source, 'paths'):
+    return np.asarray(source.paths, dtype=object)
+  inner, indices = getattr(source, '_source', None), getattr(source, '_indices', None)
+  if inner is not None and indices is not None:  # data.base.Subset (holdout splits)
+    paths = image_paths(inner)
+    return None if paths is None else paths[indices]
+  return None
+
+
+def _problem(path: str) -> str | None:
+  """Why `path` cannot be an image ('missing', 'empty', 'not a file'), or None."""
+  try:
+    info = os.stat(path)
+  except FileNotFoundError:
+    return 'missing'
+  except OSError as e:
+    return e.strerror or type(e).__name__
+  if not stat.S_ISREG(info.st_mode):
+    return 'not a file'
+  return 'empty' if info.st_size == 0 else None
+
+
+def preflight(source, *, split: str, skip_unreadable: bool):
+  """Checks that every image file of `source` exists and is non-empty (one stat per file).
+
+  Returns (source, number of records dropped): with `skip_unreadable`, the records whose file
+  failed are dropped (a `data.base.Subset` of the others); otherwise any failure raises an
+  `InputError` naming the split, the count and the first files. Sources without files
+  (synthetic, TFDS) pass unchanged.
+  """
+  paths = image_paths(source)
+  if paths is None:
+    return source, 0
+  problems = [_problem(p) for p in paths]
+  bad = [i for i, p in enumerate(problems) if p]
+  if not bad:
+    return source, 0
+  shown = ', '.join(f'{paths[i]} ({problems[i]})' for i in bad[:3])
+  more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+  if not skip_unreadable:
+    raise InputError(f'the {split} split has {len(bad)} unreadable image(s) of {len(paths)}: '
+                     f'{shown}{more}. Restore the files, or set dataset.skip_unreadable=True to '
+                     'skip and count them.')
+  if len(bad) == len(paths):
+    raise InputError(f'the {split} split has no readable image ({len(bad)} of {len(paths)} '
+                     f'missing or empty, e.g. {shown}).')
+  logging.warning('The %s split: skipping %d unreadable image(s) of %d: %s%s.', split, len(bad),
+                  len(paths), shown, more)
+  return Subset(source, np.setdiff1d(np.arange(len(paths)), bad)), len(bad)
+
+
+class SkipUnreadable:
+  """An eval source whose unreadable records come out masked (`unreadable`) and are counted.
+
+  Counts in this process (evaluation reads with threads, not worker processes).
+  """
+
+  def __init__(self, source):
+    self._source = source
+    self.class_names = source.class_names
+    self._bad: set[int] = set()
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      return self._source[index]
+    except _UNREADABLE as e:
+      with self._lock:
+        if index not in self._bad:
+          logging.warning('Skipping unreadable record: %s', e)
+        self._bad.add(index)
+      k = len(self.class_names)
+      return {'image': np.zeros((1, 1, 3), np.uint8), 'labels': np.zeros(k, np.float32),
+              'difficult': np.zeros(k, bool), 'id': '', 'unreadable': True}
+
+  @property
+  def skipped(self) -> int:
+    """Distinct records of this source that failed to read so far."""
+    return len(self._bad)
+
+  def __repr__(self) -> str:
+    return f'SkipUnreadable({self._source!r})'
+
+
+def skipped_count(iterator) -> int:
+  """Records a `train_iterator` with skip_unreadable has dropped on this process (checkpointed
+  with the iterator state, so it counts across restarts); 0 without skip_unreadable."""
+  state = iterator.get_state()
+  return int(state.get(_SKIPPED_KEY, 0)) if isinstance(state, dict) else 0
 
 
 def _shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -109,8 +212,9 @@ class _TrainTransform:
       epoch = np.int64(position // len(self.source))
       try:
         record = self.source[record_index]
-      except (UnreadableImageError, FileNotFoundError) as e:
-        logging.warning('Skipping unreadable record: %s', e)
+      except _UNREADABLE as e:
+        if epoch == 0:  # later epochs: the per-epoch count only (no line per record)
+          logging.warning('Skipping unreadable record: %s', e)
         return {'skipped': np.bool_(True), 'epoch': epoch}
     else:
       record = self.source[record_index]
@@ -126,31 +230,61 @@ class _TrainTransform:
     return out
 
 
-class _SkipFilter:
-  """Main-process filter that drops skipped records, counts them and logs per epoch."""
+class _SkipIterator(grain.DatasetIterator):
+  """Drops skipped records (main process), counts them in its state, and ends a stream that
+  cannot fill a batch: an epoch seen whole with fewer than `batch_size` readable records."""
 
-  def __init__(self):
-    self.epoch = None
-    self.in_epoch = 0
+  def __init__(self, parent, *, records_per_epoch: int, batch_size: int):
+    super().__init__(parent)
+    self._records_per_epoch = records_per_epoch
+    self._batch_size = batch_size
+    self._skipped = 0
+    self._epoch, self._kept_in_epoch, self._skipped_in_epoch = None, 0, 0
 
-  def __call__(self, element: Mapping[str, Any]) -> bool:
-    global _skipped_total
-    epoch = int(element['epoch'])
-    if self.epoch is not None and epoch != self.epoch:
-      logging.info('Input pipeline: epoch %d ended, %d unreadable records skipped on this '
-                   'process (%d in total).', self.epoch, self.in_epoch, _skipped_total)
-      self.in_epoch = 0
-    self.epoch = epoch
-    if bool(element['skipped']):
-      with _skip_lock:
-        _skipped_total += 1
-      self.in_epoch += 1
-      return False
-    return True
+  def _check_epoch(self) -> None:
+    seen = self._kept_in_epoch + self._skipped_in_epoch
+    if seen >= self._records_per_epoch and self._kept_in_epoch < self._batch_size:
+      raise InputError(
+          f'the train split has {self._kept_in_epoch} readable record(s) of {seen} per epoch on '
+          f'this process; one batch needs {self._batch_size}. Restore the unreadable images '
+          '(see the warnings above).')
+
+  def __next__(self) -> dict[str, Any]:
+    while True:
+      element = next(self._parent)
+      epoch = int(element['epoch'])
+      if epoch != self._epoch:
+        if self._epoch is not None:
+          self._check_epoch()
+          logging.info('Input pipeline: epoch %d ended, %d unreadable records skipped on this '
+                       'process (%d in total).', self._epoch, self._skipped_in_epoch,
+                       self._skipped)
+        self._epoch, self._kept_in_epoch, self._skipped_in_epoch = epoch, 0, 0
+      if not bool(element['skipped']):
+        self._kept_in_epoch += 1
+        return {'image': element['image'], 'labels': element['labels']}
+      self._skipped += 1
+      self._skipped_in_epoch += 1
+      self._check_epoch()  # an epoch of unreadable records fails here, not one epoch later
+
+  def get_state(self) -> dict[str, Any]:
+    return {'parent': self._parent.get_state(), _SKIPPED_KEY: self._skipped}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._parent.set_state(state['parent'])
+    self._skipped = int(state[_SKIPPED_KEY])
+    self._epoch, self._kept_in_epoch, self._skipped_in_epoch = None, 0, 0
 
 
-def _strip(element: Mapping[str, Any]) -> dict[str, Any]:
-  return {'image': element['image'], 'labels': element['labels']}
+class _SkipDataset(grain.IterDataset):
+  """`_SkipIterator` over a parent IterDataset."""
+
+  def __init__(self, parent, **kwargs):
+    super().__init__(parent)
+    self._kwargs = kwargs
+
+  def __iter__(self) -> _SkipIterator:
+    return _SkipIterator(self._parent.__iter__(), **self._kwargs)
 
 
 def train_iterator(
@@ -201,12 +335,15 @@ def train_iterator(
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=batch_size))
-  it = it.filter(_SkipFilter()).map(_strip).batch(batch_size, drop_remainder=True)
+  it = _SkipDataset(it, records_per_epoch=max(1, len(source) // shard_count),
+                   batch_size=batch_size)
+  it = it.batch(batch_size, drop_remainder=True)
   return iter(it)
 
 
 class _EvalRecord:
-  """Position in the padded per-process sequence -> resized example or masked padding."""
+  """Position in the padded per-process sequence -> resized example or masked padding (also
+  for a record `SkipUnreadable` marks unreadable)."""
 
   def __init__(self, source, *, image_size: int, shard_index: int, shard_count: int,
                num_classes: int):
@@ -218,11 +355,11 @@ class _EvalRecord:
 
   def __call__(self, position: int) -> dict[str, np.ndarray]:
     record_index = self.shard_index + position * self.shard_count
-    if record_index >= len(self.source):
+    record = self.source[record_index] if record_index < len(self.source) else None
+    if record is None or record.get('unreadable'):
       k, s = self.num_classes, self.image_size
       return {'image': np.zeros((s, s, 3), np.uint8), 'labels': np.zeros(k, np.float32),
               'difficult': np.zeros(k, bool), 'mask': np.bool_(False)}
-    record = self.source[record_index]
     image = np.asarray(augment_lib.resize(record['image'], self.image_size), np.uint8)
     return {'image': image, 'labels': np.asarray(record['labels'], np.float32),
             'difficult': np.asarray(record['difficult'], bool), 'mask': np.bool_(True)}
