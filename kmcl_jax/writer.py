@@ -12,7 +12,6 @@ import os
 from typing import Any, Mapping
 
 from absl import logging
-import tensorboardX
 
 
 # The terminal log shows these; metrics.jsonl and TensorBoard get everything.
@@ -24,16 +23,50 @@ def _jsonable(value: Any) -> Any:
   return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-class MetricWriter:
-  """`write(step, {name: value})` appends one JSON line {"step": step, name: value, ...}."""
+def truncate_metrics(path: str, start_step: int) -> None:
+  """Rewrites metrics.jsonl without lines past `start_step` or test lines at it (atomically)."""
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for text in lines:
+    try:
+      line = json.loads(text)
+    except ValueError:
+      continue  # a line cut short by a kill
+    if line['step'] < start_step or (line['step'] == start_step and
+                                     not any(k.startswith('test/') for k in line)):
+      keep.append(text)
+  if len(keep) != len(lines):
+    logging.info('metrics.jsonl: dropping %d lines written after step %d (resumed run).',
+                 len(lines) - len(keep), start_step)
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+
+class MetricWriter:
+  """`write(step, {name: value})` appends one JSON line {"step": step, name: value, ...}.
+
+  `start_step`: the step the run starts (or resumes) from. Lines a killed run wrote after its
+  last checkpoint (step > start_step), and test lines of a finish that will run again, are
+  dropped first, so a resumed run's metrics.jsonl has each step once.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(path):
+      truncate_metrics(path, start_step)
+    self._jsonl = open(path, 'a')
+    # Imported here: tensorboardX imports torch when it is installed (~2 s of start-up).
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+
+    # purge_step: TensorBoard hides the killed run's events past the resumed step, likewise.
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                          purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:

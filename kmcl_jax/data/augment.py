@@ -1,4 +1,4 @@
-"""Training augmentations of the authors' recipe (SPEC section 5), on PIL images.
+"""Training augmentations of the authors' recipe (docs/training.md), on PIL images.
 
 All randomness comes from an explicit `np.random.Generator`, which the pipeline derives from
 (seed, position in the sample stream); a resumed iterator therefore redraws exactly the same
