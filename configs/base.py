@@ -1,4 +1,4 @@
-"""Shared defaults: the paper's recipe (SPEC section 5, paper Table 6, the authors' train.py).
+"""Shared defaults: the paper's recipe (docs/training.md: paper Table 6, the authors' train.py).
 
 Dataset configs start from `get_base_config()` and change only what differs. Every setting the
 trainer reads is declared here; `--config.x=y` overrides any of them on the command line, and an
@@ -27,6 +27,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # keep_all_negative, decode_size, num_examples); applied to every split.
   c.dataset.options = ml_collections.ConfigDict()
   c.dataset.augment = 'randaugment'   # 'randaugment' | 'affine' (ChestX-ray14) | 'none'
+  # Where CutoutPIL + RandAugment/affine run: 'on' = in the jitted train step (the host only
+  # decodes and resizes), 'off' = on the host (PIL), 'auto' = 'on' unless the backend is the
+  # CPU (README 'Augmentation on the device').
+  c.dataset.augment_device = 'auto'
   c.dataset.normalization = 'imagenet'  # a key of kmcl_jax.data.pipeline.NORMALIZATION
   c.dataset.difficult_as_positive = True  # VOC: train on difficult as positive (authors)
   c.dataset.skip_unreadable = False   # True: skip and count unreadable images instead of stopping
@@ -76,6 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 5.0           # evaluate model and EMA on the selection split
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000     # plus one at every evaluation and at the end
+  # XLA's persistent compilation cache: a restart reuses the compiled steps ('' = off).
+  c.compilation_cache_dir = '~/.cache/kmcl_jax/xla'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.threshold = 0.8              # the authors' threshold for OP/OR/OF1/CP/CR/CF1

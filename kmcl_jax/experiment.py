@@ -20,6 +20,7 @@ from flax import nnx
 from kmcl_jax import data as data_lib
 from kmcl_jax import losses
 from kmcl_jax import optim
+from kmcl_jax.data import augment_device
 from kmcl_jax.data import pipeline
 from kmcl_jax.models import ENCODERS, KMCLModel
 
@@ -44,6 +45,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            '(see README "Datasets").')
     if not os.path.isdir(config.dataset.root):
       fail(f'dataset.root={config.dataset.root!r} is not a directory.')
+  if problem := data_lib.options_error(config.dataset.name, config.dataset.options):
+    fail(f'{problem}.')
   if config.model.name not in ENCODERS:
     fail(f'model.name={config.model.name!r} is not one of {sorted(ENCODERS)}.')
   if config.model.image_size <= 0 or config.model.image_size % 32:
@@ -57,11 +60,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dataset.normalization not in pipeline.NORMALIZATION:
     fail(f'dataset.normalization={config.dataset.normalization!r} is not one of '
          f'{sorted(pipeline.NORMALIZATION)}.')
-  devices = jax.device_count()
+  if config.dataset.augment_device not in augment_device.SETTINGS:
+    fail(f'dataset.augment_device={config.dataset.augment_device!r} is not one of '
+         f'{augment_device.SETTINGS}.')
+  # Batches are global: each process loads value / processes rows, each device computes
+  # value / devices of them (and a process's rows fill its own devices).
+  devices, processes = jax.device_count(), jax.process_count()
+  local = jax.local_device_count()
   for key in ('batch_size', 'eval_batch_size'):
     value = config[key]
-    if value <= 0 or value % devices:
-      fail(f'{key}={value} must be a positive multiple of the device count ({devices}).')
+    if value <= 0 or value % devices or (value // processes) % local:
+      fail(f'{key}={value} (global) must be a positive multiple of the device count '
+           f'{devices} ({processes} process(es) x {local} local devices): it is split into a '
+           f'per-process batch of {value / processes:g} and a per-device batch of '
+           f'{value / devices:g}.')
   if config.export_weights not in EXPORT_CHOICES:
     fail(f'export_weights={config.export_weights!r} is not one of {EXPORT_CHOICES}.')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
@@ -69,10 +81,60 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.init_from and not os.path.exists(config.init_from):
     fail(f'init_from={config.init_from!r} does not exist (make it with python -m '
          'kmcl_jax.convert).')
+  for name, (low, high, closed) in _RANGES.items():
+    value = _setting(config, name)
+    if value is None and name in _DEFAULTED:
+      continue
+    above = value >= low if closed[0] else value > low
+    below = value <= high if closed[1] else value < high
+    if not (isinstance(value, (int, float)) and above and below):
+      if high == _INF:
+        fail(f'{name}={value!r} must be {">=" if closed[0] else ">"} {low:g}.')
+      interval = f'{"[" if closed[0] else "("}{low:g}, {high:g}{"]" if closed[1] else ")"}'
+      fail(f'{name}={value!r} must be in {interval}.')
   try:
     losses.LossConfig.from_mapping(config.loss.to_dict()).resolved()
   except ValueError as e:
     fail(f'loss: {e}')
+
+
+_INF = float('inf')
+# Numeric settings with a natural range: name -> (low, high, (low included, high included)).
+_RANGES = {
+    'seed': (0, 2**32 - 1, (True, True)),
+    'optim.peak_lr': (0, _INF, (False, False)),
+    'optim.weight_decay': (0, _INF, (True, False)),
+    'optim.pct_start': (0, 1, (False, False)),
+    'optim.div_factor': (0, _INF, (False, False)),
+    'optim.final_div_factor': (0, _INF, (False, False)),
+    'optim.base_beta1': (0, 1, (True, False)),
+    'optim.max_beta1': (0, 1, (True, False)),
+    'optim.beta2': (0, 1, (True, False)),
+    'optim.eps': (0, _INF, (False, False)),
+    'ema_decay': (0, 1, (True, False)),
+    'eval_every_epochs': (0, _INF, (False, False)),
+    'log_every_steps': (1, _INF, (True, False)),
+    'checkpoint_every_steps': (1, _INF, (True, False)),
+    'dataset.holdout_fraction': (0, 1, (False, False)),
+    'dataset.worker_count': (0, _INF, (True, False)),
+    'model.reduced_dim': (1, _INF, (True, False)),
+    'eval.threshold': (0, 1, (False, False)),
+    'eval.top_k': (1, _INF, (True, False)),
+    'loss.lambda_asl': (0, _INF, (True, False)),
+    'loss.lambda_kmcl': (0, _INF, (True, False)),
+    'loss.temperature': (0, _INF, (False, False)),
+    'loss.asl_gamma_pos': (0, _INF, (True, False)),
+    'loss.asl_gamma_neg': (0, _INF, (True, False)),
+    'loss.asl_clip': (0, 1, (True, False)),
+    'loss.asl_eps': (0, 1, (False, False)),
+}
+_DEFAULTED = ('loss.lambda_asl', 'loss.lambda_kmcl', 'loss.temperature')  # None: the variant's
+
+
+def _setting(config: ml_collections.ConfigDict, name: str) -> Any:
+  for part in name.split('.'):
+    config = config[part]
+  return config
 
 
 def open_split(config: ml_collections.ConfigDict, split: str):

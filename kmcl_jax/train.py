@@ -35,15 +35,19 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from kmcl_jax import checkpoint as checkpoint_lib
+from kmcl_jax import distributed
 from kmcl_jax import evaluate as evaluate_lib
 from kmcl_jax import experiment
 from kmcl_jax import export as export_lib
 from kmcl_jax import losses
 from kmcl_jax import optim
+from kmcl_jax import workdir as workdir_lib
+from kmcl_jax.data import augment_device
 from kmcl_jax.data import pipeline
 from kmcl_jax.models import KMCLModel
 from kmcl_jax.writer import MetricWriter
@@ -61,9 +65,16 @@ def _global_norm(tree) -> jax.Array:
 
 
 def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossConfig,
-               ema_decay: float, mean, std):
-  """One optimisation step on a (global) batch; returns (new_state, metrics)."""
-  images = pipeline.normalize(batch['image'], mean, std)
+               ema_decay: float, mean, std, augment=None):
+  """One optimisation step on a (global) batch; returns (new_state, metrics).
+
+  `augment(images_uint8, step)`, when given, augments the batch on the device before it is
+  normalised (dataset.augment_device; kmcl_jax.data.augment_device.sharded_augment).
+  """
+  images = batch['image']
+  if augment is not None:
+    images = augment(images, state['step'])
+  images = pipeline.normalize(images, mean, std)
 
   def loss_fn(params):
     # copy: fresh Variables at this trace level, so BatchNorm may update its statistics.
@@ -75,19 +86,22 @@ def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossCon
 
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state['params'])
-  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
   grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  def keep_if_finite(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  def update(old):
+    updates, opt_state = optimizer.update(grads, old['opt_state'], old['params'])
+    params = optax.apply_updates(old['params'], updates)
+    return dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                ema_params=optim.ema_update(old['ema_params'], params, ema_decay),
+                ema_batch_stats=optim.ema_update(old['ema_batch_stats'], batch_stats,
+                                                 ema_decay))
 
-  updated = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                 ema_params=optim.ema_update(state['ema_params'], params, ema_decay),
-                 ema_batch_stats=optim.ema_update(state['ema_batch_stats'], batch_stats,
-                                                  ema_decay))
-  new_state = dict(state, **keep_if_finite(updated, {k: state[k] for k in updated}))
+  # A cond rather than a where per array: the update then writes the donated buffers in place,
+  # where keeping both versions alive made XLA copy the state every step (BENCHMARKS.md).
+  kept = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats')
+  new_state = dict(state, **jax.lax.cond(finite, update, lambda old: old,
+                                         {k: state[k] for k in kept}))
   new_state['step'] = state['step'] + 1
   new_state['skipped'] = state['skipped'] + (~finite).astype(jnp.int32)
   hparams = optim.current_hparams(new_state['opt_state'])
@@ -126,18 +140,81 @@ def _to_global(run: _Run, local_batch: dict[str, np.ndarray]) -> dict[str, jax.A
   return evaluate_lib.to_global(run.data_sharding, local_batch)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains, evaluates and exports as the config says; returns the results.json content."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False, resume_fallback: bool = False
+                       ) -> dict[str, Any]:
+  """Trains, evaluates and exports as the config says; returns the results.json content.
+
+  Before anything is compiled or written: the settings are checked, the workdir is checked to
+  be usable, free (its lock) and made with the same config (`kmcl_jax.workdir`; deliberate
+  changes need `allow_config_change`), and every split is opened and its image files checked.
+  `resume_fallback`: a checkpoint that cannot be restored is set aside and the next newest one
+  used, instead of stopping with its name.
+  """
   experiment.validate_config(config)
-  train_src, val_src, test_src = experiment.open_sources(config)
+  _use_compilation_cache(config.compilation_cache_dir)
+  lock, refusal = None, None
+  if jax.process_index() == 0:
+    try:
+      workdir_lib.check_usable(workdir)
+      # Read-only, so that a refused run leaves the workdir as it was.
+      workdir_lib.check_config(workdir, config, allow_change=allow_config_change)
+      lock = workdir_lib.Lock.acquire(workdir)
+    except workdir_lib.WorkdirError as e:
+      refusal = e
+  if jax.process_count() > 1:  # the other processes stop too, instead of waiting on process 0
+    refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+    if int(refused) and refusal is None:
+      raise workdir_lib.WorkdirError(f'process 0 refused workdir {workdir} (its log says why).')
+  if refusal is not None:
+    raise refusal
+  try:
+    return _train_and_evaluate(config, workdir, allow_config_change=allow_config_change,
+                               resume_fallback=resume_fallback)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _use_compilation_cache(path: str) -> None:
+  """Turns on XLA's persistent compilation cache in `path` ('' leaves it off)."""
+  if path:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+
+
+def _open_checked_sources(config: ml_collections.ConfigDict):
+  """(train, val, test, {split: records dropped}) after `pipeline.preflight` of each split."""
+  try:
+    train, val, test = experiment.open_sources(config)
+  except ConfigError:
+    raise
+  except ValueError as e:  # an annotation file, split or option the source rejects
+    raise pipeline.InputError(f'dataset {config.dataset.name!r}: {e}') from e
+  skip = config.dataset.skip_unreadable
+  dropped = {}
+  train, dropped['train'] = pipeline.preflight(train, split='train', skip_unreadable=skip)
+  test, dropped['test'] = pipeline.preflight(test, split='test', skip_unreadable=skip)
+  if skip:  # records that exist but do not decode come out masked and counted
+    test = pipeline.SkipUnreadable(test)
+  if config.dataset.select_on_test:
+    val, dropped['val'] = test, dropped['test']
+  elif val is not None:
+    val, dropped['val'] = pipeline.preflight(val, split='val', skip_unreadable=skip)
+    val = pipeline.SkipUnreadable(val) if skip else val
+  return train, val, test, dropped
+
+
+def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback):
+  """`train_and_evaluate` once the workdir is this process's (process 0) or checked."""
+  train_src, val_src, test_src, dropped = _open_checked_sources(config)
   class_names = tuple(train_src.class_names)
   num_steps, steps_per_epoch = experiment.total_steps(config, len(train_src))
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    # Under the lock: the record is written only by the run that holds the workdir.
+    changes = workdir_lib.check_config(workdir, config, allow_change=allow_config_change)
+    workdir_lib.record_config(workdir, config, changes)
 
   mesh = jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -167,12 +244,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
   loss_config = losses.LossConfig.from_mapping(config.loss.to_dict())
+  # dataset.augment_device: the host only resizes, the step runs the augmentations.
+  on_device = augment_device.enabled(config.dataset.augment_device)
+  device_augment = (augment_device.sharded_augment(kind=config.dataset.augment,
+                                                   seed=config.seed, mesh=mesh)
+                    if on_device and config.dataset.augment != 'none' else None)
   run = _Run(
       config=config, mesh=mesh, data_sharding=data_sharding, class_names=class_names,
       train_step=jax.jit(
           functools.partial(train_step, graphdef=train_graphdef, optimizer=optimizer,
                             loss_config=loss_config, ema_decay=config.ema_decay,
-                            mean=mean, std=std),
+                            mean=mean, std=std, augment=device_augment),
           out_shardings=(state_sharding, replicated), donate_argnums=0),
       predict_fn=evaluate_lib.make_predict_fn(eval_graphdef, mean=mean, std=std,
                                               data_sharding=data_sharding))
@@ -180,14 +262,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   per_process_batch = config.batch_size // jax.process_count()
   train_iter = pipeline.train_iterator(
       train_src, batch_size=per_process_batch, image_size=config.model.image_size,
-      augment=config.dataset.augment, seed=config.seed,
+      augment='none' if on_device else config.dataset.augment, seed=config.seed,
       difficult_as_positive=config.dataset.difficult_as_positive,
       worker_count=config.dataset.worker_count, skip_unreadable=config.dataset.skip_unreadable)
 
   ckpt = checkpoint_lib.Checkpoints(workdir)
-  # Resume order: this workdir's latest checkpoint -> init_from weights -> from scratch.
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore('latest', abstract_state, train_iter)
+  # Resume order: this workdir's newest checkpoint -> init_from weights -> from scratch.
+  try:
+    state = ckpt.resume(abstract_state, train_iter, fallback=resume_fallback)
+  except checkpoint_lib.CheckpointError:
+    ckpt.close()
+    raise
+  if state is not None:
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
   else:
     state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer),
@@ -195,19 +281,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.init_from:
       state = _load_init_from(config, state, train_graphdef, optimizer, state_sharding)
 
-  writer = MetricWriter(workdir, enabled=is_main)
-  stop = {'signal': None}
-  previous_handler = signal.signal(signal.SIGTERM,
-                                   lambda signum, frame: stop.update(signal=signum))
+  # Drops what a killed run logged after its last checkpoint: each step once.
+  writer = MetricWriter(workdir, enabled=is_main, start_step=int(state['step']))
+  stop = distributed.StopSignals(mesh)  # SIGTERM/SIGINT: checkpoint, then exit
+  stop.install()
   try:
     state = _train_loop(run, state, train_iter, ckpt, writer, val_src, stop=stop,
                         num_steps=num_steps, steps_per_epoch=steps_per_epoch,
                         eval_every=eval_every)
-    if pipeline.skipped_count():
-      logging.warning('%d unreadable images were skipped.', pipeline.skipped_count())
-    results = _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer)
+    results = _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer,
+                      dropped=dropped, train_iter=train_iter)
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    stop.restore()
     writer.close()
     ckpt.close()
   return results
@@ -220,32 +305,50 @@ def _train_loop(run, state, train_iter, ckpt, writer, val_src, *, stop, num_step
   step = int(state['step'])
   bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=writer.enabled)
   window_start, window_images = time.perf_counter(), 0
+  first_step, first_step_s = step + 1, None
   while step < num_steps:
     batch = _to_global(run, next(train_iter))
+    if step + 1 == first_step:
+      distributed.compile_together(run.train_step, state, batch)
     state, metrics = run.train_step(state, batch)
     step += 1
-    window_images += config.batch_size
+    if step == first_step:
+      # The first call compiles (or loads from the compilation cache): timed on its own and
+      # kept out of images/s.
+      jax.block_until_ready(metrics)
+      first_step_s = time.perf_counter() - window_start
+      if writer.enabled:
+        logging.info('First train step (compilation included): %.1f s.', first_step_s)
+      window_start = time.perf_counter()
+    else:
+      window_images += config.batch_size
     bar.update(1)
     if step % config.log_every_steps == 0 or step == num_steps:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
       line = {f'train/{k}': float(v) for k, v in metrics.items()}
-      line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
+      if window_images:
+        line['train/images_per_sec'] = window_images / max(elapsed, 1e-9)
+      if first_step_s is not None:
+        line['train/first_step_seconds'], first_step_s = first_step_s, None
       line['train/epoch'] = step / steps_per_epoch
       writer.write(step, line)
       bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
-                      img_s=f'{line["train/images_per_sec"]:.0f}')
+                      img_s=f'{line.get("train/images_per_sec", 0):.0f}')
       window_start, window_images = time.perf_counter(), 0
     if step % eval_every == 0 or step == num_steps:
       state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
     elif step % config.checkpoint_every_steps == 0:
       ckpt.save_latest(step, state, train_iter)
-    if stop['signal'] is not None:
+    signum = stop.agreed()
+    if signum:  # every process stops here, at the same step, with one checkpoint
       bar.close()
-      logging.warning('SIGTERM at step %d: checkpointing and exiting.', step)
       ckpt.save_latest(step, state, train_iter)
       ckpt.wait()
-      raise SystemExit(128 + signal.SIGTERM)
+      if writer.enabled:
+        logging.warning('%s: saved the checkpoint of step %d and stopped; the same command '
+                        'resumes from it.', signal.Signals(signum).name, step)
+      raise SystemExit(128 + signum)
     if bar.n >= bar.total and step < num_steps:
       bar.close()
       bar = _epoch_bar(step, num_steps, steps_per_epoch, enabled=writer.enabled)
@@ -281,12 +384,14 @@ def _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step):
   return state
 
 
-def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer):
+def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer, *, dropped,
+            train_iter):
   """Test evaluation of the selected checkpoint, results.json and export/.
 
   Model selection uses the selection split only: the best checkpoint by its mAP, and model or
   EMA weights as recorded when that checkpoint was saved. Without a selection split, the final
   state and (for export_weights='best') its EMA weights. The test split is only reported.
+  `dropped`: per split, the records `pipeline.preflight` dropped (skip_unreadable).
   """
   config = run.config
   ckpt.wait()
@@ -309,6 +414,7 @@ def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer
              'test_split': config.dataset.test_split,
              'exported_weights': chosen,
              'skipped_steps': int(state['skipped']),
+             'skipped_unreadable': _skipped_unreadable(dropped, train_iter, val_src, test_src),
              'test': reports}
   prefix = 'ema_' if chosen == 'ema' else ''
   weights = {'params': selected[prefix + 'params'],
@@ -321,6 +427,21 @@ def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer
     print(evaluate_lib.format_table(reports, f'{config.dataset.test_split} results'),
           flush=True)
   return results
+
+
+def _skipped_unreadable(dropped, train_iter, val_src, test_src) -> dict[str, int]:
+  """Unreadable records skipped per split, over all processes: those preflight dropped, plus
+  those that failed to decode (train: counted in the checkpointed iterator state)."""
+  local = {'train': pipeline.skipped_count(train_iter)}
+  for name, source in (('val', val_src), ('test', test_src)):
+    if source is not None:
+      local[name] = source.skipped if isinstance(source, pipeline.SkipUnreadable) else 0
+  counts = multihost_utils.process_allgather(np.array(list(local.values())))
+  totals = np.asarray(counts).reshape(-1, len(local)).sum(axis=0)
+  skipped = {name: int(n) + dropped.get(name, 0) for name, n in zip(local, totals)}
+  if any(skipped.values()):
+    logging.warning('Unreadable images skipped per split: %s.', skipped)
+  return skipped
 
 
 def _pretrained(config, model: KMCLModel) -> dict:

@@ -113,6 +113,22 @@ def test_multiprocess_workers_match_in_process_and_resume():
   resumed.close()
 
 
+def test_workers_survive_ctrl_c():
+  """Ctrl-C reaches grain's workers too; they ignore it and the trainer decides when to stop."""
+  import multiprocessing
+  import signal
+  it = _train(_Tagged(40), worker_count=1)
+  next(it)
+  workers = multiprocessing.active_children()
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+  for _ in range(4):
+    next(it)
+  assert all(worker.is_alive() for worker in workers)
+  it.close()
+
+
 def _broken_voc(tmp_path):
   fx.make_voc(str(tmp_path), n_trainval=9)
   jpeg = tmp_path / 'VOCdevkit/VOC2007/JPEGImages/000004.jpg'

@@ -34,6 +34,7 @@ wrapped in `SkipUnreadable` turns them into masked-out records and counts them.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -188,6 +189,18 @@ def _shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]
   return index, count
 
 
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: Ctrl-C reaches the whole process group, workers included. The
+  trainer handles it (checkpoint, then exit), so the workers must keep serving batches until
+  the agreed stop step instead of dying with KeyboardInterrupt."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _workers(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
+  return it.mp_prefetch(options, worker_init_fn=_ignore_sigint)
+
+
 def _read_options(buffer: int) -> grain.ReadOptions:
   """`buffer` elements (batches, or records where batching happens later) read ahead."""
   return grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=buffer)
@@ -328,13 +341,13 @@ def train_iterator(
   if not skip_unreadable:
     it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(_READ_THREADS))
     if worker_count > 0:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+      it = _workers(it, grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it)
   # Skipped records leave holes, so batches are formed after filtering, in this process.
   it = ds.to_iter_dataset(_read_options(2 * batch_size))
   if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=batch_size))
+    it = _workers(it, grain.MultiprocessingOptions(num_workers=worker_count,
+                                                   per_worker_buffer_size=batch_size))
   it = _SkipDataset(it, records_per_epoch=max(1, len(source) // shard_count),
                    batch_size=batch_size)
   it = it.batch(batch_size, drop_remainder=True)
@@ -392,5 +405,5 @@ def eval_batches(
   ds = grain.MapDataset.range(num_batches * batch_size).map(fn).batch(batch_size)
   it = ds.to_iter_dataset(_read_options(_READ_THREADS))
   if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = _workers(it, grain.MultiprocessingOptions(num_workers=worker_count))
   return it
