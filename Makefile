@@ -46,6 +46,7 @@ demo: $(RUNTIME)
 bench: $(RUNTIME)
 	$(PY) -m kmcl_jax.benchmarks.losses
 	$(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
+	$(PY) -m kmcl_jax.benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,12 +21,13 @@ in float32 (the KMM head and the losses work in float32).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from kmcl_jax.models import initializers
 
@@ -74,12 +75,28 @@ def avg_pool_ceil(x: jax.Array) -> jax.Array:
   return total / jnp.asarray(np.outer(rows, cols)[None, :, :, None], x.dtype)
 
 
+def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
+  """`layer(x)`, with 1x1 convolutions computed as a matmul over the channels.
+
+  Same parameters and result; but XLA:CPU computes a 1x1 convolution's weight gradient as a
+  convolution over the batch, transposing every activation gradient to [C, H, W, N] first
+  (a fifth of the TResNet-M train step, BENCHMARKS.md), where a matmul contracts N, H, W
+  directly.
+  """
+  if layer.kernel_size != (1, 1):
+    return layer(x)
+  kernel = layer.kernel[...]
+  x, kernel = x.astype(layer.dtype), kernel.reshape(kernel.shape[-2:]).astype(layer.dtype)
+  y = jnp.matmul(x, kernel)
+  return y + layer.bias[...].astype(layer.dtype) if layer.bias is not None else y
+
+
 class ConvNormAct(nnx.Module):
   """Conv (no bias) -> BatchNorm -> optional leaky ReLU -> optional anti-aliased stride 2."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                slope: float | None, blur: bool = False, zero_scale: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     self.conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
                          padding=kernel_size // 2, use_bias=False, dtype=dtype,
                          kernel_init=_conv_init, rngs=rngs)
@@ -92,7 +109,7 @@ class ConvNormAct(nnx.Module):
     self.blur = blur
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.bn(self.conv(x))
+    x = self.bn(apply_conv(self.conv, x))
     if self.slope is not None:
       x = jax.nn.leaky_relu(x, self.slope)
     return blur_downsample(x) if self.blur else x
@@ -101,7 +118,8 @@ class ConvNormAct(nnx.Module):
 class Shortcut(nnx.Module):
   """Projection shortcut: [2x2 ceil-mode avg pool when strided] -> 1x1 conv -> BN."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, pool: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, out_channels: int, *, pool: bool, dtype: DTypeLike,
+               rngs: nnx.Rngs):
     self.conv = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, dtype=dtype,
                          kernel_init=_conv_init, rngs=rngs)
     self.bn = nnx.BatchNorm(out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
@@ -111,13 +129,13 @@ class Shortcut(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.pool:
       x = avg_pool_ceil(x)
-    return self.bn(self.conv(x))
+    return self.bn(apply_conv(self.conv, x))
 
 
 class SqueezeExcite(nnx.Module):
   """Spatial mean -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate (both convs with bias)."""
 
-  def __init__(self, channels: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, channels: int, hidden: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.fc1 = nnx.Conv(channels, hidden, (1, 1), dtype=dtype, kernel_init=_conv_init,
                         bias_init=initializers.torch_default_uniform(channels), rngs=rngs)
     self.fc2 = nnx.Conv(hidden, channels, (1, 1), dtype=dtype, kernel_init=_conv_init,
@@ -125,7 +143,7 @@ class SqueezeExcite(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     s = x.mean(axis=(1, 2), keepdims=True)
-    s = self.fc2(jax.nn.relu(self.fc1(s)))
+    s = apply_conv(self.fc2, jax.nn.relu(apply_conv(self.fc1, s)))
     return x * jax.nn.sigmoid(s)
 
 
@@ -135,7 +153,7 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(self, inplanes: int, planes: int, *, stride: int, use_se: bool,
-               dtype, rngs: nnx.Rngs):
+               dtype: DTypeLike, rngs: nnx.Rngs):
     self.downsample = _shortcut(inplanes, planes * self.expansion, stride, dtype, rngs)
     self.conv1 = ConvNormAct(inplanes, planes, 3, slope=BLOCK_SLOPE, blur=stride == 2,
                              dtype=dtype, rngs=rngs)
@@ -158,7 +176,7 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(self, inplanes: int, planes: int, *, stride: int, use_se: bool,
-               dtype, rngs: nnx.Rngs):
+               dtype: DTypeLike, rngs: nnx.Rngs):
     width = planes * self.expansion
     self.downsample = _shortcut(inplanes, width, stride, dtype, rngs)
     self.conv1 = ConvNormAct(inplanes, planes, 1, slope=BLOCK_SLOPE, dtype=dtype, rngs=rngs)
@@ -177,7 +195,8 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(self.conv3(out) + shortcut)
 
 
-def _shortcut(inplanes: int, outplanes: int, stride: int, dtype, rngs) -> Shortcut | None:
+def _shortcut(inplanes: int, outplanes: int, stride: int, dtype: DTypeLike,
+              rngs: nnx.Rngs) -> Shortcut | None:
   if stride == 1 and inplanes == outplanes:
     return None
   return Shortcut(inplanes, outplanes, pool=stride == 2, dtype=dtype, rngs=rngs)
@@ -197,7 +216,7 @@ class TResNet(nnx.Module):
   """
 
   def __init__(self, layers: Sequence[int], *, width_factor: float = 1.0, v2: bool = False,
-               in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+               in_channels: int = 3, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     if len(layers) != 4 or min(layers) < 1:
       raise ValueError(f'TResNet layers must be four positive block counts, got {layers}.')
     planes = int(64 * width_factor)

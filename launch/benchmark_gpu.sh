@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every benchmark that needs an accelerator, in one run (< 8 minutes on one H100/H200), no
+# network: JSON files in one folder, the tables on stdout (tee them into BENCHMARKS.md rows).
+#
+# Call:    launch/benchmark_gpu.sh [OUT_DIR]        (default runs/benchmarks-<date>)
+# Env:     PYTHON (default .venv/bin/python if present, else python3);
+#          WHEELS (default wheels/): when this folder exists, the packages missing from the
+#          GPU image are installed from it with pip --no-index first.
+#
+# GPU images often ship jax and flax (e.g. jax 0.11.2 + flax 0.12.10) but not the rest of
+# requirements.txt. Make the wheels folder beforehand on a machine with network, for the
+# image's Python version and platform, e.g. for Python 3.12 on x86_64 Linux:
+#   pip download -d wheels --python-version 3.12 --platform manylinux2014_x86_64 \
+#       --only-binary=:all: $PACKAGES
+#   with PACKAGES as below, pinned as in requirements.txt (e.g. grain==0.2.18); pip download
+#   also fetches their dependencies. Packages the image already has are left as they are.
+# and copy it with the checkout. Nothing is downloaded here.
+#
+# Writes, in OUT_DIR:
+#   train_step_bf16_b64.json   TResNet-M 224 and TResNet-L 448, bf16, batch 64, step alone
+#   end_to_end_bf16_b64.json   TResNet-M 224, bf16, batch 64: the step alone and the whole
+#                              training loop on synthetic images, host and device augmentation
+#   train_step_bf16_b256.json  TResNet-M 224, bf16, batch 256
+#   losses.json                the KMCL objective, jitted, up to N = 1024
+# Time limits per benchmark (timeout) keep the whole under 8 minutes; the compiled steps go to
+# the persistent compilation cache, so a second run of the script compiles nothing.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$root/.venv/bin/python" ]]; then PYTHON=$root/.venv/bin/python; else PYTHON=python3; fi
+fi
+out=${1:-$root/runs/benchmarks-$(date +%Y%m%d-%H%M)}
+wheels=${WHEELS:-$root/wheels}
+PACKAGES='grain ml-collections simplejpeg tensorboardx array-record portpicker optax
+orbax-checkpoint absl-py tqdm pillow safetensors'
+mkdir -p "$out"
+cd "$root"
+
+if [[ -d "$wheels" ]]; then
+  "$PYTHON" -m pip install --quiet --no-index --find-links "$wheels" $PACKAGES
+fi
+# The repository itself without touching the image's jax/flax.
+"$PYTHON" -c 'import kmcl_jax' 2>/dev/null || export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
+"$PYTHON" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__,
+jax.devices())'
+workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
+
+bench() {  # name, seconds, then train_step flags; a failure does not stop the others
+  local name=$1 seconds=$2; shift 2
+  echo "== $name"
+  timeout "$seconds" "$PYTHON" -m kmcl_jax.benchmarks.train_step --json="$out/$name.json" "$@" \
+      || echo "!! $name failed or ran out of time (exit $?)"
+}
+bench train_step_bf16_b64 150 --models=tresnet_m@224,tresnet_l@448 --batch_size=64 \
+    --dtype=bfloat16 --steps=30
+bench end_to_end_bf16_b64 170 --models=tresnet_m@224 --batch_size=64 --dtype=bfloat16 \
+    --steps=30 --end_to_end --workers="$workers"
+bench train_step_bf16_b256 70 --models=tresnet_m@224 --batch_size=256 --dtype=bfloat16 \
+    --steps=30
+echo "== losses"
+timeout 60 "$PYTHON" -m kmcl_jax.benchmarks.losses --json="$out/losses.json" --max_loop_n=64 \
+    --repeats=3 || echo "!! losses failed or ran out of time (exit $?)"
+echo "JSON files in $out"

@@ -1,0 +1,43 @@
+"""The train-step benchmarks run end to end at their tiny --smoke size and write their JSON keys.
+
+Nothing here looks at the figures (no timed assertions).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl.testing import flagsaver
+
+from kmcl_jax.benchmarks import train_step
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
+  path = str(tmp_path / 'step.json')
+  with flagsaver.flagsaver(smoke=True, json=path):
+    train_step.main([])
+  result = json.load(open(path))
+  assert result['backend'] == 'cpu'
+  (row,) = result['rows']
+  for key in ('step_ms', 'images_per_s', 'compile_s', 'peak_memory_gib', 'step_tflop', 'mfu'):
+    assert key in row, key
+  assert row['step_ms'] > 0 and row['step_tflop'] > 0
+  assert row['flops_source'] == 'XLA cost analysis'  # XLA:CPU counts the convolutions
+  assert row['mfu'] is None  # no peak FLOP/s for a CPU
+
+
+def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
+  path = str(tmp_path / 'vs.json')
+  # One CPU device (not the session's eight): the step compiles faster.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run([sys.executable, '-m', 'kmcl_jax.benchmarks.vs_pytorch', '--smoke',
+                  f'--json={path}'], cwd=_ROOT, env=env, check=True, timeout=300,
+                 capture_output=True)
+  result = json.load(open(path))
+  assert result['ratio'] == pytest.approx(result['jax_step_s'] / result['torch_step_s'],
+                                         rel=0.02)  # from unrounded medians
+  assert result['jax_step_s'] > 0 and result['torch_step_s'] > 0
