@@ -20,12 +20,14 @@ def get_config(variant: str = ''):
   c.dataset.test_split = 'test'
   c.dataset.normalization = 'adp'
   # Every option of kmcl_jax.data.adp.adp, at its default.
-  c.dataset.options = ConfigDict({
-      'level': 'L1',                                        # 'L1' | 'L2' | 'L3' | 'L3Only'
+  c.dataset.options = ConfigDict(
+    {
+      'level': 'L1',  # 'L1' | 'L2' | 'L3' | 'L3Only'
       'decode_size': FieldReference(None, field_type=int),
-      'keep_all_negative': False,                           # drop rows without labels
+      'keep_all_negative': False,  # drop rows without labels
       'fraction': FieldReference(None, field_type=float),
       'subset_size': FieldReference(None, field_type=int),
       'subset_seed': 0,
-  })
+    }
+  )
   return base.apply_variant(c, variant)

@@ -15,21 +15,23 @@ from configs import base
 def get_config(variant: str = ''):
   c = base.get_base_config()
   c.dataset.name = 'chestxray14'
-  c.dataset.train_split = 'train'        # train_val minus the patients of 'val'
+  c.dataset.train_split = 'train'  # train_val minus the patients of 'val'
   c.dataset.val_split = 'val'
   c.dataset.test_split = 'test'
-  c.dataset.augment = 'affine'           # RandomAffine instead of RandAugment (authors)
+  c.dataset.augment = 'affine'  # RandomAffine instead of RandAugment (authors)
   c.dataset.normalization = 'chestxray14'
   c.eval.with_auc = True
   # Every option of kmcl_jax.data.chestxray14.chestxray14, at its default; the authors' reader
   # is keep_all_negative=False, fraction=0.1.
-  c.dataset.options = ConfigDict({
+  c.dataset.options = ConfigDict(
+    {
       'decode_size': FieldReference(None, field_type=int),
       'keep_all_negative': True,
       'fraction': FieldReference(None, field_type=float),
       'subset_size': FieldReference(None, field_type=int),
       'subset_seed': 0,
-      'val_fraction': 0.1,                                  # of train_val's patients -> 'val'
+      'val_fraction': 0.1,  # of train_val's patients -> 'val'
       'split_seed': 0,
-  })
+    }
+  )
   return base.apply_variant(c, variant)

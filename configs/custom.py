@@ -21,15 +21,17 @@ def get_config(variant: str = ''):
   c.dataset.val_split = 'val'
   c.dataset.test_split = 'test'
   # Every option of kmcl_jax.data.csv_source.csv_source, at its default.
-  c.dataset.options = ConfigDict({
-      'csv_file': '{split}.csv',            # per split, under root; {split} = the split name
+  c.dataset.options = ConfigDict(
+    {
+      'csv_file': '{split}.csv',  # per split, under root; {split} = the split name
       'classes_file': FieldReference(None, field_type=str),  # one class name per line
-      'label_delimiter': ' ',               # between label names in the `labels` column
-      'allow_empty': True,                  # False: a row without any label is an error
+      'label_delimiter': ' ',  # between label names in the `labels` column
+      'allow_empty': True,  # False: a row without any label is an error
       'decode_size': FieldReference(None, field_type=int),  # JPEG DCT-scaled decoding size
       'keep_all_negative': True,
       'fraction': FieldReference(None, field_type=float),
       'subset_size': FieldReference(None, field_type=int),
       'subset_seed': 0,
-  })
+    }
+  )
   return base.apply_variant(c, variant)

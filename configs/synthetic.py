@@ -23,17 +23,19 @@ def get_config(variant: str = ''):
   c.dataset.test_split = 'test'
   # Every option of kmcl_jax.data.synthetic.synthetic; num_examples None = the split's default
   # size (train 6000, val 1000, test 1000).
-  c.dataset.options = ml_collections.ConfigDict({
+  c.dataset.options = ml_collections.ConfigDict(
+    {
       'num_examples': FieldReference(None, field_type=int),
       'image_size': 64,
       'num_classes': 10,
       'seed': 0,
-  })
-  c.dataset.worker_count = 0          # 2 CPU cores: decoding threads beat extra processes here
+    }
+  )
+  c.dataset.worker_count = 0  # 2 CPU cores: decoding threads beat extra processes here
   c.model.image_size = 64
   c.model.overrides = ml_collections.ConfigDict({'width_factor': 0.25, 'layers': (1, 1, 1, 1)})
-  c.optim.peak_lr = 2e-3              # from scratch, not fine-tuning: a larger step
-  c.ema_decay = 0.99                  # few hundred steps: the paper's 0.9997 would lag
+  c.optim.peak_lr = 2e-3  # from scratch, not fine-tuning: a larger step
+  c.ema_decay = 0.99  # few hundred steps: the paper's 0.9997 would lag
   c.batch_size = 32
   c.eval_batch_size = 128
   c.num_epochs = 20.0

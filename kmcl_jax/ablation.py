@@ -26,22 +26,21 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
-from kmcl_jax import experiment
-from kmcl_jax import train
+from kmcl_jax import experiment, train
 from kmcl_jax.models import summary
 
 CASES: dict[str, dict[str, object]] = {
-    'asl_only': {'loss.asl_only': True},
-    'bhattacharyya_isotropic': {'model.kind': 'bhattacharyya', 'model.anisotropic': False},
-    'bhattacharyya_anisotropic': {'model.kind': 'bhattacharyya', 'model.anisotropic': True},
-    'mahalanobis': {'model.kind': 'mahalanobis', 'model.anisotropic': False},
-    'gaussian': {'model.kind': 'gaussian', 'model.anisotropic': False},
+  'asl_only': {'loss.asl_only': True},
+  'bhattacharyya_isotropic': {'model.kind': 'bhattacharyya', 'model.anisotropic': False},
+  'bhattacharyya_anisotropic': {'model.kind': 'bhattacharyya', 'model.anisotropic': True},
+  'mahalanobis': {'model.kind': 'mahalanobis', 'model.anisotropic': False},
+  'gaussian': {'model.kind': 'gaussian', 'model.anisotropic': False},
 }
+
 
 def case_config(base, case: str, seed: int, epochs: float):
   """The base config with one case's settings, the seed and the common budget."""
@@ -71,15 +70,21 @@ def exported_map(results: dict) -> float:
 
 def format_table(rows: list[dict], *, epochs: float, seeds: int, dataset: str) -> str:
   """ablation.md: one row per case (mean and std of the test mAP over seeds, cost)."""
-  lines = [f'# Ablation (paper Table 4) on `{dataset}`', '',
-           f'{epochs:g} epochs per run, seeds 0..{seeds - 1}; test mAP of the exported weights '
-           '(model or EMA, chosen on the selection split); std over seeds (ddof=1).', '',
-           '| case | mAP mean | mAP std | runs | params (M) | GMAC |',
-           '|---|---:|---:|---:|---:|---:|']
+  lines = [
+    f'# Ablation (paper Table 4) on `{dataset}`',
+    '',
+    f'{epochs:g} epochs per run, seeds 0..{seeds - 1}; test mAP of the exported weights '
+    '(model or EMA, chosen on the selection split); std over seeds (ddof=1).',
+    '',
+    '| case | mAP mean | mAP std | runs | params (M) | GMAC |',
+    '|---|---:|---:|---:|---:|---:|',
+  ]
   for r in rows:
     std = f'{r["std"]:.2f}' if r['std'] is not None else '-'
-    lines.append(f'| {r["case"]} | {r["mean"]:.2f} | {std} | {len(r["maps"])} | '
-                 f'{r["params"] / 1e6:.3f} | {r["gmac"]:.4f} |')
+    lines.append(
+      f'| {r["case"]} | {r["mean"]:.2f} | {std} | {len(r["maps"])} | '
+      f'{r["params"] / 1e6:.3f} | {r["gmac"]:.4f} |'
+    )
   return '\n'.join(lines) + '\n'
 
 
@@ -98,14 +103,20 @@ def run_ablation(base, workdir: str, *, cases, seeds: int, epochs: float) -> lis
         with open(results_path) as f:
           results = json.load(f)
       else:
-        print(f'[ablation] training {case} seed {seed} -> {run_dir}', file=sys.stderr,
-              flush=True)
+        print(f'[ablation] training {case} seed {seed} -> {run_dir}', file=sys.stderr, flush=True)
         results = train.train_and_evaluate(config, run_dir)
       maps.append(exported_map(results))
     params, gmac = cost(case_config(base, case, 0, epochs), num_classes)
-    rows.append({'case': case, 'maps': maps, 'mean': float(np.mean(maps)),
-                 'std': float(np.std(maps, ddof=1)) if len(maps) > 1 else None,
-                 'params': int(params), 'gmac': float(gmac)})
+    rows.append(
+      {
+        'case': case,
+        'maps': maps,
+        'mean': float(np.mean(maps)),
+        'std': float(np.std(maps, ddof=1)) if len(maps) > 1 else None,
+        'params': int(params),
+        'gmac': float(gmac),
+      }
+    )
     _write(workdir, rows, epochs=epochs, seeds=seeds, dataset=base.dataset.name)
   return rows
 
@@ -122,8 +133,9 @@ def _define_flags():
   flags.DEFINE_integer('seeds', 3, 'Seeds per case (0, 1, ...).')
   flags.DEFINE_float('epochs', 3.0, 'Training epochs of every run (one budget).')
   flags.DEFINE_list('cases', list(CASES), f'Subset of {list(CASES)}.')
-  config_flags.DEFINE_config_file('config', 'configs/synthetic.py',
-                                  'Base configuration of every run.', lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', 'configs/synthetic.py', 'Base configuration of every run.', lock_config=True
+  )
   flags.mark_flags_as_required(['workdir'])
 
 

@@ -23,38 +23,45 @@ The config defaults to RUN/config.json (what the run trained with). Needs the op
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import functools
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
+from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
-from kmcl_jax import experiment
-from kmcl_jax import export as export_lib
-from kmcl_jax import losses
+from kmcl_jax import experiment, export as export_lib, losses
 from kmcl_jax.data import pipeline
 
-FIGURES = ('training_curves.png', 'per_class_ap.png', 'tsne.png', 'label_similarity.png',
-           'gradcam.png')
-_CURVES = (('train/loss', 'total loss'), ('train/rec', 'L_REC'), ('train/asl', 'L_ASL'),
-           ('train/kmcl', 'L_KMCL'), ('train/learning_rate', 'learning rate'))
+FIGURES = (
+  'training_curves.png',
+  'per_class_ap.png',
+  'tsne.png',
+  'label_similarity.png',
+  'gradcam.png',
+)
+_CURVES = (
+  ('train/loss', 'total loss'),
+  ('train/rec', 'L_REC'),
+  ('train/asl', 'L_ASL'),
+  ('train/kmcl', 'L_KMCL'),
+  ('train/learning_rate', 'learning rate'),
+)
 
 
 # ------------------------------------------------------------------------------ pure numerics
 
 
-def grad_cam(head_fn: Callable[[jax.Array], jax.Array], feature_map: jax.Array,
-             class_index: jax.Array) -> jax.Array:
+def grad_cam(
+  head_fn: Callable[[jax.Array], jax.Array], feature_map: jax.Array, class_index: jax.Array
+) -> jax.Array:
   """Grad-CAM maps of one class per sample, [N, h, w] in [0, 1].
 
   Args:
@@ -87,15 +94,26 @@ def class_log_similarity(head: Mapping[str, jax.Array], *, kind: str) -> jax.Arr
   """
   mu, var = head['mu'].astype(jnp.float32), head['var'].astype(jnp.float32)
   if mu.ndim == 2 and var.ndim == 2:  # isotropic: var [N, K] or shared [N, 1]
-    rho = losses.log_similarity(mu_p=mu[:, :, None], var_p=var[:, :, None], mu_q=mu[:, None, :],
-                                var_q=var[:, None, :], feature_dim=head['features'].shape[-1],
-                                kind=kind)
+    rho = losses.log_similarity(
+      mu_p=mu[:, :, None],
+      var_p=var[:, :, None],
+      mu_q=mu[:, None, :],
+      var_q=var[:, None, :],
+      feature_dim=head['features'].shape[-1],
+      kind=kind,
+    )
   else:  # per-dimension: mu [N, K, D] or isotropic mean with var [N, 1, M]
     if mu.ndim == 2:
       mu = mu[:, :, None]
-    rho = losses.log_similarity(mu_p=mu[:, :, None, :], var_p=var[:, :, None, :],
-                                mu_q=mu[:, None, :, :], var_q=var[:, None, :, :],
-                                feature_dim=0, kind=kind, anisotropic=True)
+    rho = losses.log_similarity(
+      mu_p=mu[:, :, None, :],
+      var_p=var[:, :, None, :],
+      mu_q=mu[:, None, :, :],
+      var_q=var[:, None, :, :],
+      feature_dim=0,
+      kind=kind,
+      anisotropic=True,
+    )
   return rho.mean(axis=0)
 
 
@@ -104,18 +122,17 @@ def cooccurrence(labels: np.ndarray) -> np.ndarray:
   labels = np.asarray(labels, np.float64)
   counts = labels.T @ labels
   present = np.diag(counts)
-  return np.divide(counts, present[:, None], out=np.zeros_like(counts),
-                   where=present[:, None] > 0)
+  return np.divide(counts, present[:, None], out=np.zeros_like(counts), where=present[:, None] > 0)
 
 
 def _forward(params, batch_stats, images, *, graphdef, mean, std):
   """Pooled features, last feature map and KMM outputs in inference mode."""
   model = nnx.merge(graphdef, params, batch_stats)
-  pooled, feature_map = model.encoder(pipeline.normalize(images, mean, std),
-                                      return_feature_map=True)
+  pooled, feature_map = model.encoder(
+    pipeline.normalize(images, mean, std), return_feature_map=True
+  )
   head = model.kmm(pooled)
-  return dict(head, pooled=pooled.astype(jnp.float32),
-              probs=jax.nn.sigmoid(head['pi_logits']))
+  return dict(head, pooled=pooled.astype(jnp.float32), probs=jax.nn.sigmoid(head['pi_logits']))
 
 
 def _gradcam_step(params, batch_stats, images, class_index, *, graphdef, mean, std):
@@ -155,8 +172,11 @@ def plot_training_curves(workdir: str, path: str) -> None:
     ax.set(title=title, xlabel='step')
   ax = axes.flat[5]
   for name in ('model', 'ema'):
-    points = [(line['step'], line[f'eval/{name}/mAP']) for line in lines
-              if line.get(f'eval/{name}/mAP') is not None]
+    points = [
+      (line['step'], line[f'eval/{name}/mAP'])
+      for line in lines
+      if line.get(f'eval/{name}/mAP') is not None
+    ]
     if points:
       ax.plot(*zip(*points), marker='o', label=name)
   ax.set(title='selection-split mAP', xlabel='step', ylabel='mAP')
@@ -188,15 +208,15 @@ def plot_per_class_ap(results: Mapping, path: str) -> None:
   plt.close(fig)
 
 
-def plot_tsne(pooled: np.ndarray, labels: np.ndarray, class_names, path: str, *,
-              seed: int) -> None:
+def plot_tsne(pooled: np.ndarray, labels: np.ndarray, class_names, path: str, *, seed: int) -> None:
   from sklearn.manifold import TSNE  # the optional extra
 
   plt = _plt()
   n = len(pooled)
   perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-  points = TSNE(n_components=2, perplexity=perplexity, init='pca',
-                random_state=seed).fit_transform(pooled)
+  points = TSNE(n_components=2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(
+    pooled
+  )
   first = np.where(labels.any(axis=1), labels.argmax(axis=1), -1)
   cmap = plt.get_cmap('tab20', max(len(class_names), 1))
   fig, ax = plt.subplots(figsize=(7, 6))
@@ -215,8 +235,9 @@ def plot_tsne(pooled: np.ndarray, labels: np.ndarray, class_names, path: str, *,
   plt.close(fig)
 
 
-def plot_label_similarity(labels: np.ndarray, similarity: np.ndarray | None, class_names,
-                          path: str) -> None:
+def plot_label_similarity(
+  labels: np.ndarray, similarity: np.ndarray | None, class_names, path: str
+) -> None:
   plt = _plt()
   panels = [('label co-occurrence P(j | i)', cooccurrence(labels), 'viridis')]
   if similarity is not None:
@@ -234,8 +255,15 @@ def plot_label_similarity(labels: np.ndarray, similarity: np.ndarray | None, cla
   plt.close(fig)
 
 
-def plot_gradcam(images: np.ndarray, maps: np.ndarray, top: np.ndarray, probs: np.ndarray,
-                 labels: np.ndarray, class_names, path: str) -> None:
+def plot_gradcam(
+  images: np.ndarray,
+  maps: np.ndarray,
+  top: np.ndarray,
+  probs: np.ndarray,
+  labels: np.ndarray,
+  class_names,
+  path: str,
+) -> None:
   """images [N, S, S, 3]; maps [N, T, h, w]; top [N, T] class indices."""
   plt = _plt()
   n, t = top.shape
@@ -248,8 +276,15 @@ def plot_gradcam(images: np.ndarray, maps: np.ndarray, top: np.ndarray, probs: n
     for j in range(t):
       ax = axes[i, j + 1]
       ax.imshow(images[i])
-      ax.imshow(maps[i, j], cmap='jet', alpha=0.45, vmin=0, vmax=1, interpolation='bilinear',
-                extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+      ax.imshow(
+        maps[i, j],
+        cmap='jet',
+        alpha=0.45,
+        vmin=0,
+        vmax=1,
+        interpolation='bilinear',
+        extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+      )
       ax.set_title(f'{class_names[top[i, j]]} p={probs[i, top[i, j]]:.2f}', fontsize=7)
   for ax in axes.flat:
     ax.axis('off')
@@ -268,8 +303,9 @@ def _collect(exported: export_lib.Export, source, *, num_examples: int, batch_si
   forward = jax.jit(functools.partial(_forward, graphdef=graphdef, mean=mean, std=std))
   keep = ('pooled', 'probs', 'features', 'mu', 'var')
   outputs, labels, images = [], [], []
-  batches = pipeline.eval_batches(source, batch_size=batch_size,
-                                  image_size=exported.image_size, shard_index=0, shard_count=1)
+  batches = pipeline.eval_batches(
+    source, batch_size=batch_size, image_size=exported.image_size, shard_index=0, shard_count=1
+  )
   total = 0
   for batch in batches:
     mask = batch['mask']
@@ -281,8 +317,7 @@ def _collect(exported: export_lib.Export, source, *, num_examples: int, batch_si
     if total >= num_examples:
       break
   cat = {k: np.concatenate([o[k] for o in outputs])[:num_examples] for k in outputs[0]}
-  return (cat, np.concatenate(labels)[:num_examples] > 0,
-          np.concatenate(images)[:num_examples])
+  return (cat, np.concatenate(labels)[:num_examples] > 0, np.concatenate(images)[:num_examples])
 
 
 def gradcam_for(exported: export_lib.Export, images: np.ndarray, top: np.ndarray) -> np.ndarray:
@@ -298,15 +333,21 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in WORKDIR/config.json."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: pass --config, or a --workdir of a '
-                            'training run.')
+    raise FileNotFoundError(
+      f'{path} does not exist: pass --config, or a --workdir of a training run.'
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def analyze(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-            split: str | None = None, num_examples: int = 512, num_gradcam: int = 4
-            ) -> list[str]:
+def analyze(
+  workdir: str,
+  config: ml_collections.ConfigDict | None = None,
+  *,
+  split: str | None = None,
+  num_examples: int = 512,
+  num_gradcam: int = 4,
+) -> list[str]:
   """Writes the figures (module docstring) into WORKDIR/figures; returns their paths."""
   config = config if config is not None else load_run_config(workdir)
   out = os.path.join(workdir, 'figures')
@@ -324,8 +365,9 @@ def analyze(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   exported = export_lib.load_export(os.path.join(workdir, 'export'))
   split = split or config.dataset.test_split
   source = experiment.open_split(config, split)
-  outputs, labels, images = _collect(exported, source, num_examples=num_examples,
-                                     batch_size=min(64, num_examples))
+  outputs, labels, images = _collect(
+    exported, source, num_examples=num_examples, batch_size=min(64, num_examples)
+  )
   names = exported.class_names
   try:
     plot_tsne(outputs['pooled'], labels, names, target('tsne.png'), seed=config.seed)
@@ -338,19 +380,22 @@ def analyze(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   plot_label_similarity(labels, similarity, names, target('label_similarity.png'))
 
   n = min(num_gradcam, len(images))
-  top = np.argsort(-outputs['probs'][:n], axis=1, kind='stable')[:, :min(3, len(names))]
+  top = np.argsort(-outputs['probs'][:n], axis=1, kind='stable')[:, : min(3, len(names))]
   maps = gradcam_for(exported, images[:n], top)
-  plot_gradcam(images[:n], maps, top, outputs['probs'][:n], labels[:n], names,
-               target('gradcam.png'))
+  plot_gradcam(
+    images[:n], maps, top, outputs['probs'][:n], labels[:n], names, target('gradcam.png')
+  )
   return written
 
 
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'A training run (metrics.jsonl, results.json, export/).')
-  config_flags.DEFINE_config_file('config', None, 'Configuration; default: WORKDIR/config.json.',
-                                  lock_config=True)
-  flags.DEFINE_string('split', None, 'Split for t-SNE, similarities and Grad-CAM; default: the '
-                      'config\'s test split.')
+  config_flags.DEFINE_config_file(
+    'config', None, 'Configuration; default: WORKDIR/config.json.', lock_config=True
+  )
+  flags.DEFINE_string(
+    'split', None, "Split for t-SNE, similarities and Grad-CAM; default: the config's test split."
+  )
   flags.DEFINE_integer('num_examples', 512, 'Images of --split for t-SNE and similarities.')
   flags.DEFINE_integer('num_gradcam', 4, 'Images shown with Grad-CAM maps.')
   flags.mark_flags_as_required(['workdir'])
@@ -364,8 +409,9 @@ def main(argv):
   if f.num_examples < 2 or f.num_gradcam < 1:
     raise app.UsageError('--num_examples must be >= 2 and --num_gradcam >= 1.')
   try:
-    written = analyze(f.workdir, f.config, split=f.split, num_examples=f.num_examples,
-                      num_gradcam=f.num_gradcam)
+    written = analyze(
+      f.workdir, f.config, split=f.split, num_examples=f.num_examples, num_gradcam=f.num_gradcam
+    )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   print('\n'.join(written))

@@ -22,9 +22,9 @@ import re
 import shutil
 from typing import Any
 
-from absl import logging
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
 
 BEST_METRIC = 'val_mAP'
 UNREADABLE_DIR = 'unreadable'
@@ -48,12 +48,21 @@ def _cause(error: BaseException) -> str:
 
 def _manager(directory: str, *, best: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True, cleanup_tmp_directories=True,
-      best_fn=(lambda metrics: metrics[BEST_METRIC]) if best else None, best_mode='max')
+    max_to_keep=1,
+    create=True,
+    cleanup_tmp_directories=True,
+    best_fn=(lambda metrics: metrics[BEST_METRIC]) if best else None,
+    best_mode='max',
+  )
   return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options, item_names=('state', 'data'),
-      item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler()})
+    os.path.abspath(directory),
+    options=options,
+    item_names=('state', 'data'),
+    item_handlers={
+      'state': ocp.StandardCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(),
+    },
+  )
 
 
 class Checkpoints:
@@ -69,9 +78,13 @@ class Checkpoints:
     self._check_pending()
     path = os.path.join(manager.directory, str(step))
     try:
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iterator)), **kwargs)
+      manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        ),
+        **kwargs,
+      )
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all end the run here
       raise CheckpointError(f'cannot save checkpoint {path}: {_cause(e)}') from e
     self._pending.append(path)
@@ -83,9 +96,11 @@ class Checkpoints:
       self.best.wait_until_finished()
     except Exception as e:  # noqa: BLE001
       paths = ' or '.join(self._pending) or self.root
-      raise CheckpointError(f'cannot save checkpoint {paths}: {_cause(e)}. Checkpoints saved '
-                            'before it are kept; free space (or fix permissions) and rerun to '
-                            'resume from them.') from e
+      raise CheckpointError(
+        f'cannot save checkpoint {paths}: {_cause(e)}. Checkpoints saved '
+        'before it are kept; free space (or fix permissions) and rerun to '
+        'resume from them.'
+      ) from e
     self._pending = []
 
   def save_latest(self, step: int, state: Any, data_iterator) -> None:
@@ -120,8 +135,9 @@ class Checkpoints:
     try:
       return manager.restore(step, args=ocp.args.Composite(**items))['state']
     except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
-      raise CheckpointError(f'checkpoint {os.path.join(manager.directory, str(step))} '
-                            f'cannot be restored ({_cause(e)})') from e
+      raise CheckpointError(
+        f'checkpoint {os.path.join(manager.directory, str(step))} cannot be restored ({_cause(e)})'
+      ) from e
 
   def resume(self, abstract_state: Any, data_iterator, *, fallback: bool) -> Any | None:
     """The newest restorable train state (latest, else best), or None without checkpoints.
@@ -129,8 +145,11 @@ class Checkpoints:
     A checkpoint that fails to restore raises a `CheckpointError` naming it, unless `fallback`:
     then it is moved to checkpoints/unreadable/ and the next newest one is tried.
     """
-    candidates = sorted([(s, 1, self.latest) for s in self.latest.all_steps()]
-                        + [(s, 0, self.best) for s in self.best.all_steps()], reverse=True)
+    candidates = sorted(
+      [(s, 1, self.latest) for s in self.latest.all_steps()]
+      + [(s, 0, self.best) for s in self.best.all_steps()],
+      reverse=True,
+    )
     for step, _, manager in candidates:
       path = os.path.join(manager.directory, str(step))
       try:
@@ -138,18 +157,22 @@ class Checkpoints:
       except CheckpointError as e:
         if not fallback:
           raise CheckpointError(
-              f'{e}. Rerun with --resume_fallback to set it aside and resume from the newest '
-              f'checkpoint that restores, or delete {path} yourself.') from e.__cause__
-        aside = os.path.join(self.root, UNREADABLE_DIR,
-                             f'{os.path.basename(manager.directory)}-{step}')
+            f'{e}. Rerun with --resume_fallback to set it aside and resume from the newest '
+            f'checkpoint that restores, or delete {path} yourself.'
+          ) from e.__cause__
+        aside = os.path.join(
+          self.root, UNREADABLE_DIR, f'{os.path.basename(manager.directory)}-{step}'
+        )
         logging.warning('%s; moving it to %s and trying the next checkpoint.', e, aside)
         os.makedirs(os.path.dirname(aside), exist_ok=True)
         shutil.move(path, aside)
         manager.reload()
     if candidates:
-      raise CheckpointError(f'no checkpoint in {self.root} could be restored (moved to '
-                            f'{os.path.join(self.root, UNREADABLE_DIR)}); rerun to start from '
-                            'scratch, or use a new --workdir.')
+      raise CheckpointError(
+        f'no checkpoint in {self.root} could be restored (moved to '
+        f'{os.path.join(self.root, UNREADABLE_DIR)}); rerun to start from '
+        'scratch, or use a new --workdir.'
+      )
     return None
 
   def wait(self) -> None:

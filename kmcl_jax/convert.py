@@ -45,19 +45,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kmcl_jax.models import KMCLModel, KernelMixtureModule, TResNet, create_encoder
+from kmcl_jax.models import KernelMixtureModule, KMCLModel, TResNet, create_encoder
 from kmcl_jax.models.kmm import KINDS
 
 SOURCES = ('timm', 'miil', 'kmcl')
 SIDECAR = 'kmcl_convert.json'
 STATE_DIR = 'state'
 ABN_EPS = 1e-5  # InPlace-ABN stores a signed weight; the BN gamma is |w| + eps.
-INPUT_NOTE = ('timm / MIIL ImageNet weights were trained on [0, 1] RGB input without mean/std '
-              'normalisation; the KMCL authors normalise with ImageNet mean/std anyway.')
+INPUT_NOTE = (
+  'timm / MIIL ImageNet weights were trained on [0, 1] RGB input without mean/std '
+  'normalisation; the KMCL authors normalise with ImageNet mean/std anyway.'
+)
 
 # Flax leaf name -> PyTorch parameter/buffer name.
-_TORCH_LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-               'var': 'running_var'}
+_TORCH_LEAF = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 # KMM attribute -> name in the authors' checkpoint.
 _KMM_TORCH = {'pi': 'kmm.pi', 'mu': 'kmm.mean', 'var': 'kmm.var', 'reduce': 'downsampler'}
 _MAX_LISTED = 25
@@ -83,6 +90,7 @@ def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     raise FileNotFoundError(f'Checkpoint file not found: {path}')
   if path.endswith('.safetensors'):
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
     try:
       tensors = safetensors.numpy.load_file(path)
     except Exception as e:  # safetensors raises several error types for bad headers
@@ -100,14 +108,17 @@ def _read_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        f'Reading {path} needs PyTorch: install it with `pip install -e .[torch]`, or convert the '
-        'file to .safetensors on a machine that has torch (safetensors needs no torch).') from e
+      f'Reading {path} needs PyTorch: install it with `pip install -e .[torch]`, or convert the '
+      'file to .safetensors on a machine that has torch (safetensors needs no torch).'
+    ) from e
   try:
     # weights_only: the unpickler accepts tensors and plain containers only, never code.
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises pickle, runtime and zip errors for bad files
-    raise ValueError(f'{path} could not be read by torch.load(weights_only=True): the file is '
-                     f'corrupted, or pickles objects other than tensors. Cause: {e}') from e
+    raise ValueError(
+      f'{path} could not be read by torch.load(weights_only=True): the file is '
+      f'corrupted, or pickles objects other than tensors. Cause: {e}'
+    ) from e
   if not isinstance(obj, Mapping):
     raise ValueError(f'{path}: expected a state dict (names -> tensors), got {type(obj).__name__}.')
   extras: dict[str, Any] = {}
@@ -156,7 +167,7 @@ def split_checkpoint(tensors: Mapping[str, np.ndarray], source: str, path: str) 
     raise ValueError(f'Unknown source {source!r}; valid sources: {SOURCES}.')
   keys = list(tensors)
   if keys and all(k.startswith('module.') for k in keys):  # saved from DistributedDataParallel
-    tensors = {k[len('module.'):]: v for k, v in tensors.items()}
+    tensors = {k[len('module.') :]: v for k, v in tensors.items()}
   _check_format(tensors, source, path)
 
   encoder, head, dropped = {}, {}, {}
@@ -173,7 +184,7 @@ def split_checkpoint(tensors: Mapping[str, np.ndarray], source: str, path: str) 
       if not key.startswith('encoder.'):
         encoder[key] = value  # reported as unexpected by the encoder check
         continue
-      key = key[len('encoder.'):]
+      key = key[len('encoder.') :]
     if key.endswith('num_batches_tracked'):
       drop('num_batches_tracked')
     elif key.endswith('.filt'):
@@ -199,11 +210,16 @@ def _check_format(tensors: Mapping[str, np.ndarray], source: str, path: str) -> 
   timm_stem, miil_stem = 'body.conv1.conv.weight', 'body.conv1.0.weight'
   if prefix + (timm_stem if source == 'timm' else miil_stem) in tensors:
     return
-  found = [f'{fmt} ({k})' for fmt, k in (('timm', timm_stem), ('miil', miil_stem),
-                                          ('kmcl', 'encoder.' + miil_stem)) if k in tensors]
+  found = [
+    f'{fmt} ({k})'
+    for fmt, k in (('timm', timm_stem), ('miil', miil_stem), ('kmcl', 'encoder.' + miil_stem))
+    if k in tensors
+  ]
   looks = f'it looks like a {found[0]} checkpoint' if found else 'it has no TResNet stem key'
-  raise ValueError(f'{path} is not a {source!r} TResNet checkpoint: {looks}. '
-                   f'Pass the matching --source (one of {SOURCES}).')
+  raise ValueError(
+    f'{path} is not a {source!r} TResNet checkpoint: {looks}. '
+    f'Pass the matching --source (one of {SOURCES}).'
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +255,9 @@ def _set_flat(module: nnx.Module, values: Mapping[tuple, np.ndarray]) -> None:
     old = variable.get_value()  # a jax.Array, or a ShapeDtypeStruct of an nnx.eval_shape module
     new = np.asarray(values[path], dtype=old.dtype)
     # Keep the placement of an initialised model (e.g. replicated by the trainer).
-    node[path[-1]] = (jax.device_put(new, old.sharding) if isinstance(old, jax.Array)
-                      else jnp.asarray(new))
+    node[path[-1]] = (
+      jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else jnp.asarray(new)
+    )
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(module, state)
 
@@ -261,15 +278,21 @@ def _from_torch(x: np.ndarray) -> np.ndarray:
   return x.T if x.ndim == 2 else x  # any other shape is reported as a mismatch
 
 
-def assign_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray],
-                 torch_key: Callable[[tuple], str], what: str) -> int:
+def assign_torch(
+  module: nnx.Module,
+  tensors: Mapping[str, np.ndarray],
+  torch_key: Callable[[tuple], str],
+  what: str,
+) -> int:
   """Writes PyTorch-layout `tensors` (keyed like `torch_key(flax path)`) into `module`.
 
   Raises CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches (key,
   file shape, model shape, both in PyTorch layout). Returns the number of tensors written.
   """
-  expected = {torch_key(path): (path, var.get_value().shape)
-              for path, var in nnx.to_flat_state(nnx.state(module))}
+  expected = {
+    torch_key(path): (path, var.get_value().shape)
+    for path, var in nnx.to_flat_state(nnx.state(module))
+  }
   missing = [k for k in expected if k not in tensors]
   unexpected = [k for k in tensors if k not in expected]
   shapes, values = [], {}
@@ -300,15 +323,15 @@ def _kmm_torch_key(path: tuple) -> str:
 # Public API.
 
 
-def encoder_from_torch(path: str | os.PathLike, name: str, *, source: str,
-                       **overrides) -> TResNet:
+def encoder_from_torch(path: str | os.PathLike, name: str, *, source: str, **overrides) -> TResNet:
   """Returns `create_encoder(name, **overrides)` holding the weights of a PyTorch checkpoint."""
   encoder, _, _ = _import(os.fspath(path), name, source=source, kind=None, **overrides)
   return encoder
 
 
-def kmm_from_torch(head: Mapping[str, np.ndarray], in_features: int, *, kind: str | None,
-                   what: str) -> tuple[KernelMixtureModule, dict[str, Any]]:
+def kmm_from_torch(
+  head: Mapping[str, np.ndarray], in_features: int, *, kind: str | None, what: str
+) -> tuple[KernelMixtureModule, dict[str, Any]]:
   """Builds the KMM head of an authors' checkpoint; infers classes, kind and the anisotropic case.
 
   The kind is read from the variance layer's width (K or K*D: Bhattacharyya; M or D: Mahalanobis;
@@ -328,24 +351,46 @@ def kmm_from_torch(head: Mapping[str, np.ndarray], in_features: int, *, kind: st
       raise CheckpointMismatchError(f'{what}: kmm.mean.weight present but kmm.var.weight missing.')
     out = head['kmm.var.weight'].shape[0]
     per_dim = width if anisotropic else 1
-    fits = [k for k, n in (('bhattacharyya', num_classes * per_dim), ('mahalanobis', width),
-                           ('gaussian', 1)) if n == out]
+    fits = [
+      k
+      for k, n in (
+        ('bhattacharyya', num_classes * per_dim),
+        ('mahalanobis', width),
+        ('gaussian', 1),
+      )
+      if n == out
+    ]
     if kind is not None and kind not in fits:
       raise CheckpointMismatchError(
-          f'{what}: kmm.var.weight has {out} outputs, which does not fit kind {kind!r} '
-          f'(fits: {fits or "none"}).')
+        f'{what}: kmm.var.weight has {out} outputs, which does not fit kind {kind!r} '
+        f'(fits: {fits or "none"}).'
+      )
     if kind is None:
       if len(fits) != 1:
         raise CheckpointMismatchError(
-            f'{what}: cannot tell the KMM kind from kmm.var.weight with {out} outputs '
-            f'(fits: {fits or "none"}); pass --kind.')
+          f'{what}: cannot tell the KMM kind from kmm.var.weight with {out} outputs '
+          f'(fits: {fits or "none"}); pass --kind.'
+        )
       kind = fits[0]
-  kmm = nnx.eval_shape(lambda: KernelMixtureModule(
-      in_features, num_classes, kind=kind, anisotropic=anisotropic, reduced_dim=reduced_dim,
-      asl_only=asl_only, rngs=nnx.Rngs(0)))
+  kmm = nnx.eval_shape(
+    lambda: KernelMixtureModule(
+      in_features,
+      num_classes,
+      kind=kind,
+      anisotropic=anisotropic,
+      reduced_dim=reduced_dim,
+      asl_only=asl_only,
+      rngs=nnx.Rngs(0),
+    )
+  )
   assign_torch(kmm, head, _kmm_torch_key, f'{what} (KMM head)')
-  settings = dict(num_classes=num_classes, kind=kind, anisotropic=anisotropic,
-                  reduced_dim=reduced_dim if anisotropic else None, asl_only=asl_only)
+  settings = dict(
+    num_classes=num_classes,
+    kind=kind,
+    anisotropic=anisotropic,
+    reduced_dim=reduced_dim if anisotropic else None,
+    asl_only=asl_only,
+  )
   return kmm, settings
 
 
@@ -354,25 +399,27 @@ def _import(path: str, name: str, *, source: str, kind: str | None, **overrides)
   split = split_checkpoint(tensors, source, path)
   # Abstract construction: every variable is overwritten, so skip the (slow, eager) random init.
   encoder = nnx.eval_shape(lambda: create_encoder(name, rngs=nnx.Rngs(0), **overrides))
-  n_encoder = assign_torch(encoder, split.encoder, _encoder_torch_key,
-                           f'{path} ({source}) into {name}')
+  n_encoder = assign_torch(
+    encoder, split.encoder, _encoder_torch_key, f'{path} ({source}) into {name}'
+  )
   kmm, kmm_settings = None, None
   if source == 'kmcl':
-    kmm, kmm_settings = kmm_from_torch(split.head, encoder.num_features, kind=kind,
-                                       what=f'{path} ({source})')
+    kmm, kmm_settings = kmm_from_torch(
+      split.head, encoder.num_features, kind=kind, what=f'{path} ({source})'
+    )
   class_names = None
   if isinstance(extras.get('idx_to_class'), Mapping):
     idx = extras['idx_to_class']
     class_names = [str(idx[i]) for i in sorted(idx)]
   info = dict(
-      tensors_in_file=len(tensors),
-      encoder_tensors=n_encoder,
-      head_tensors=len(split.head),
-      dropped=split.dropped,
-      classifier_classes=split.classifier_classes,
-      extras_num_classes=(int(extras['num_classes']) if 'num_classes' in extras else None),
-      class_names=class_names,
-      kmm_head=kmm_settings,
+    tensors_in_file=len(tensors),
+    encoder_tensors=n_encoder,
+    head_tensors=len(split.head),
+    dropped=split.dropped,
+    classifier_classes=split.classifier_classes,
+    extras_num_classes=(int(extras['num_classes']) if 'num_classes' in extras else None),
+    class_names=class_names,
+    kmm_head=kmm_settings,
   )
   return encoder, kmm, info
 
@@ -396,11 +443,19 @@ def _nested_str_dict(module: nnx.Module) -> dict:
   return out
 
 
-def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, name: str, *,
-            source: str, kind: str | None = None, overwrite: bool = False,
-            **overrides) -> dict[str, Any]:
+def convert(
+  input_path: str | os.PathLike,
+  output_dir: str | os.PathLike,
+  name: str,
+  *,
+  source: str,
+  kind: str | None = None,
+  overwrite: bool = False,
+  **overrides,
+) -> dict[str, Any]:
   """Converts a PyTorch checkpoint to `output_dir/{state/, kmcl_convert.json}`; returns sidecar."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   input_path, output_dir = os.path.abspath(input_path), os.path.abspath(output_dir)
   if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
     raise FileExistsError(f'Output directory {output_dir} is not empty; pass --overwrite.')
@@ -411,22 +466,29 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, name: 
   os.makedirs(output_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(output_dir, STATE_DIR), state, force=True)
-  classes = info['kmm_head']['num_classes'] if info['kmm_head'] else (
-      info['classifier_classes'] or info['extras_num_classes'])
+  classes = (
+    info['kmm_head']['num_classes']
+    if info['kmm_head']
+    else (info['classifier_classes'] or info['extras_num_classes'])
+  )
   meta = dict(
-      format='kmcl_jax.convert/1',
-      source_file=input_path,
-      source_sha256=_sha256(input_path),
-      source_format=source,
-      variant=name,
-      encoder_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-      num_features=encoder.num_features,
-      keys=dict(in_file=info['tensors_in_file'], encoder=info['encoder_tensors'],
-                kmm_head=info['head_tensors'], dropped=info['dropped']),
-      num_classes=classes,
-      class_names=info['class_names'],
-      kmm_head=info['kmm_head'],
-      input_note=INPUT_NOTE,
+    format='kmcl_jax.convert/1',
+    source_file=input_path,
+    source_sha256=_sha256(input_path),
+    source_format=source,
+    variant=name,
+    encoder_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    num_features=encoder.num_features,
+    keys=dict(
+      in_file=info['tensors_in_file'],
+      encoder=info['encoder_tensors'],
+      kmm_head=info['head_tensors'],
+      dropped=info['dropped'],
+    ),
+    num_classes=classes,
+    class_names=info['class_names'],
+    kmm_head=info['kmm_head'],
+    input_note=INPUT_NOTE,
   )
   with open(os.path.join(output_dir, SIDECAR), 'w') as f:
     json.dump(meta, f, indent=2)
@@ -446,13 +508,18 @@ def _flat_tree(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
 def _load_tree(module: nnx.Module, tree: Mapping, what: str) -> None:
   """Writes a restored nested-dict state into `module`, failing on any key or shape mismatch."""
   saved = _flat_tree(tree)
-  expected = {tuple(str(p) for p in path): (path, var.get_value().shape)
-              for path, var in nnx.to_flat_state(nnx.state(module))}
+  expected = {
+    tuple(str(p) for p in path): (path, var.get_value().shape)
+    for path, var in nnx.to_flat_state(nnx.state(module))
+  }
   dotted = '.'.join
   missing = [dotted(k) for k in expected if k not in saved]
   unexpected = [dotted(k) for k in saved if k not in expected]
-  shapes = [f'{dotted(k)}: checkpoint {tuple(np.shape(saved[k]))} vs model {shape}'
-            for k, (_, shape) in expected.items() if k in saved and np.shape(saved[k]) != shape]
+  shapes = [
+    f'{dotted(k)}: checkpoint {tuple(np.shape(saved[k]))} vs model {shape}'
+    for k, (_, shape) in expected.items()
+    if k in saved and np.shape(saved[k]) != shape
+  ]
   if missing or unexpected or shapes:
     raise CheckpointMismatchError(_mismatch_message(what, missing, unexpected, shapes))
   _set_flat(module, {path: saved[k] for k, (path, _) in expected.items()})
@@ -461,8 +528,9 @@ def _load_tree(module: nnx.Module, tree: Mapping, what: str) -> None:
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
   sidecar = os.path.join(os.fspath(path), SIDECAR)
   if not os.path.isfile(sidecar):
-    raise FileNotFoundError(f'{sidecar} not found: {path} is not a directory written by '
-                            '`python -m kmcl_jax.convert`.')
+    raise FileNotFoundError(
+      f'{sidecar} not found: {path} is not a directory written by `python -m kmcl_jax.convert`.'
+    )
   with open(sidecar) as f:
     return json.load(f)
 
@@ -475,18 +543,23 @@ def load_pretrained(model: KMCLModel, path: str | os.PathLike, *, load_head: boo
   Raises CheckpointMismatchError naming keys and shapes on any mismatch.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = os.path.abspath(os.fspath(path))
   meta = read_sidecar(path)
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(os.path.join(path, STATE_DIR))
   tree = jax.tree.map(np.asarray, tree)
-  _load_tree(model.encoder, tree['encoder'],
-             f'{path} (encoder {meta.get("variant")}) into {model.encoder_name}')
+  _load_tree(
+    model.encoder,
+    tree['encoder'],
+    f'{path} (encoder {meta.get("variant")}) into {model.encoder_name}',
+  )
   if load_head:
     if 'kmm' not in tree:
       raise CheckpointMismatchError(
-          f'{path} has no KMM head (converted from a {meta.get("source_format")} file); '
-          'load it with load_head=False.')
+        f'{path} has no KMM head (converted from a {meta.get("source_format")} file); '
+        'load it with load_head=False.'
+      )
     _load_tree(model.kmm, tree['kmm'], f'{path} (KMM head {meta.get("kmm_head")}) into the model')
   return meta
 
@@ -501,26 +574,46 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
-      prog='python -m kmcl_jax.convert',
-      description='Convert a PyTorch TResNet / KMCL checkpoint to a kmcl_jax orbax checkpoint.')
+    prog='python -m kmcl_jax.convert',
+    description='Convert a PyTorch TResNet / KMCL checkpoint to a kmcl_jax orbax checkpoint.',
+  )
   parser.add_argument('--input', required=True, help='.safetensors, .pth, .pt or .bin file')
   parser.add_argument('--output', required=True, help='output directory')
   parser.add_argument('--model', required=True, help="encoder name, e.g. 'tresnet_m'")
   parser.add_argument('--source', required=True, choices=SOURCES, help='checkpoint format')
-  parser.add_argument('--kind', default=None, choices=KINDS,
-                      help='KMM kind of a kmcl checkpoint when it cannot be inferred')
+  parser.add_argument(
+    '--kind',
+    default=None,
+    choices=KINDS,
+    help='KMM kind of a kmcl checkpoint when it cannot be inferred',
+  )
   parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
-  parser.add_argument('--layers', type=_parse_layers, default=None,
-                      help='override blocks per stage, e.g. 1,1,1,1 (small test models)')
-  parser.add_argument('--width-factor', type=float, default=None,
-                      help='override the width factor (small test models)')
+  parser.add_argument(
+    '--layers',
+    type=_parse_layers,
+    default=None,
+    help='override blocks per stage, e.g. 1,1,1,1 (small test models)',
+  )
+  parser.add_argument(
+    '--width-factor', type=float, default=None, help='override the width factor (small test models)'
+  )
   args = parser.parse_args(argv)
-  overrides = {k: v for k, v in (('layers', args.layers), ('width_factor', args.width_factor))
-               if v is not None}
-  meta = convert(args.input, args.output, args.model, source=args.source, kind=args.kind,
-                 overwrite=args.overwrite, **overrides)
-  print(f'Wrote {args.output}: {meta["variant"]} from {meta["source_format"]} file '
-        f'{meta["source_file"]}; keys {meta["keys"]}; KMM head: {meta["kmm_head"]}')
+  overrides = {
+    k: v for k, v in (('layers', args.layers), ('width_factor', args.width_factor)) if v is not None
+  }
+  meta = convert(
+    args.input,
+    args.output,
+    args.model,
+    source=args.source,
+    kind=args.kind,
+    overwrite=args.overwrite,
+    **overrides,
+  )
+  print(
+    f'Wrote {args.output}: {meta["variant"]} from {meta["source_format"]} file '
+    f'{meta["source_file"]}; keys {meta["keys"]}; KMM head: {meta["kmm_head"]}'
+  )
   return meta
 
 

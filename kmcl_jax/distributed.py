@@ -37,31 +37,44 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 _JAX_TIMEOUT_MARGIN_S = 30
 
 
-def flag_error(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None) -> str | None:
+def flag_error(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> str | None:
   """The problem with the three multi-process flags, or None when they are usable."""
-  given = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,
-           '--process_id': process_id}
+  given = {
+    '--coordinator_address': coordinator_address,
+    '--num_processes': num_processes,
+    '--process_id': process_id,
+  }
   if all(v is None for v in given.values()):
     return None
   missing = [name for name, v in given.items() if v is None]
   if missing:
-    return (f'{", ".join(missing)} missing: give all of --coordinator_address, --num_processes '
-            'and --process_id, or none of them (one process, or what JAX detects under SLURM '
-            'and on Cloud TPU VM pods).')
+    return (
+      f'{", ".join(missing)} missing: give all of --coordinator_address, --num_processes '
+      'and --process_id, or none of them (one process, or what JAX detects under SLURM '
+      'and on Cloud TPU VM pods).'
+    )
   host, _, port = coordinator_address.rpartition(':')
   if not host or not port.isdigit():
     return f'--coordinator_address={coordinator_address!r} is not HOST:PORT.'
   if num_processes < 1:
     return f'--num_processes={num_processes} must be at least 1.'
   if not 0 <= process_id < num_processes:
-    return (f'--process_id={process_id} is out of range: with --num_processes={num_processes} '
-            f'it must be in [0, {num_processes - 1}].')
+    return (
+      f'--process_id={process_id} is out of range: with --num_processes={num_processes} '
+      f'it must be in [0, {num_processes - 1}].'
+    )
   return None
 
 
-def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None, *, timeout_s: int) -> None:
+def initialize(
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  *,
+  timeout_s: int,
+) -> None:
   """Starts jax.distributed (flags, else auto-detection) or leaves a plain run single-process.
 
   Call before anything touches a device, with flags that `flag_error` accepts. Ends the process
@@ -70,12 +83,16 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   if num_processes is None:
     what = 'the process group JAX detected (SLURM, Open MPI or a Cloud TPU VM pod)'
   else:
-    what = (f'process {process_id} of {num_processes}: the coordinator at '
-            f'{coordinator_address} did not answer, or not all {num_processes} processes '
-            'connected (start each with the same --coordinator_address and --num_processes '
-            'and its own --process_id)')
-  message = (f'error: multi-process start-up did not finish within {timeout_s} s '
-             f'(--coordinator_timeout_s) for {what}.\n')
+    what = (
+      f'process {process_id} of {num_processes}: the coordinator at '
+      f'{coordinator_address} did not answer, or not all {num_processes} processes '
+      'connected (start each with the same --coordinator_address and --num_processes '
+      'and its own --process_id)'
+    )
+  message = (
+    f'error: multi-process start-up did not finish within {timeout_s} s '
+    f'(--coordinator_timeout_s) for {what}.\n'
+  )
 
   def give_up():
     sys.stderr.write(message)
@@ -87,9 +104,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   watchdog.start()
   try:
     if num_processes is not None:
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+      jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S,
+      )
     else:
       try:
         jax.distributed.initialize(initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
@@ -104,8 +124,10 @@ def platform_line() -> str:
   devices = jax.devices()
   kinds = ', '.join(sorted({d.device_kind for d in devices}))
   processes = jax.process_count()
-  line = (f'JAX platform {devices[0].platform}: {len(devices)} devices ({kinds}) on '
-          f'{processes} process{"es" if processes > 1 else ""}')
+  line = (
+    f'JAX platform {devices[0].platform}: {len(devices)} devices ({kinds}) on '
+    f'{processes} process{"es" if processes > 1 else ""}'
+  )
   if processes > 1:
     line += f', {jax.local_device_count()} local devices each'
   return line
@@ -116,8 +138,10 @@ def batch_line(batch_size: int, eval_batch_size: int) -> str:
   processes, devices = jax.process_count(), jax.device_count()
 
   def split(name, value):
-    return (f'{name} {value} = {processes} x {value / processes:g} per process = {devices} x '
-            f'{value / devices:g} per device')
+    return (
+      f'{name} {value} = {processes} x {value / processes:g} per process = {devices} x '
+      f'{value / devices:g} per device'
+    )
 
   return f'{split("global batch", batch_size)}; {split("eval batch", eval_batch_size)}'
 

@@ -17,11 +17,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from kmcl_jax import data as data_lib
-from kmcl_jax import losses
-from kmcl_jax import optim
-from kmcl_jax.data import augment_device
-from kmcl_jax.data import pipeline
+from kmcl_jax import data as data_lib, losses, optim
+from kmcl_jax.data import augment_device, pipeline
 from kmcl_jax.models import ENCODERS, KMCLModel
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -34,6 +31,7 @@ class ConfigError(ValueError):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, with one message naming the setting, on config errors a user can make."""
+
   def fail(message):
     raise ConfigError(f'config error: {message}')
 
@@ -41,8 +39,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail(f'dataset.name={config.dataset.name!r} is not one of {data_lib.SOURCES}.')
   if config.dataset.name not in ('synthetic', 'tfds'):
     if not config.dataset.root:
-      fail(f'dataset.root is empty; dataset {config.dataset.name!r} needs its folder '
-           '(see README "Datasets").')
+      fail(
+        f'dataset.root is empty; dataset {config.dataset.name!r} needs its folder '
+        '(see README "Datasets").'
+      )
     if not os.path.isdir(config.dataset.root):
       fail(f'dataset.root={config.dataset.root!r} is not a directory.')
   if problem := data_lib.options_error(config.dataset.name, config.dataset.options):
@@ -50,19 +50,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in ENCODERS:
     fail(f'model.name={config.model.name!r} is not one of {sorted(ENCODERS)}.')
   if config.model.image_size <= 0 or config.model.image_size % 32:
-    fail(f'model.image_size={config.model.image_size} must be a positive multiple of 32 '
-         '(TResNet downsamples by 32).')
+    fail(
+      f'model.image_size={config.model.image_size} must be a positive multiple of 32 '
+      '(TResNet downsamples by 32).'
+    )
   if config.model.dtype not in DTYPES:
     fail(f'model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.')
   if config.model.kind != config.loss.kind:
-    fail(f'model.kind={config.model.kind!r} and loss.kind={config.loss.kind!r} differ; the '
-         'KMM variance shape must match the similarity.')
+    fail(
+      f'model.kind={config.model.kind!r} and loss.kind={config.loss.kind!r} differ; the '
+      'KMM variance shape must match the similarity.'
+    )
   if config.dataset.normalization not in pipeline.NORMALIZATION:
-    fail(f'dataset.normalization={config.dataset.normalization!r} is not one of '
-         f'{sorted(pipeline.NORMALIZATION)}.')
+    fail(
+      f'dataset.normalization={config.dataset.normalization!r} is not one of '
+      f'{sorted(pipeline.NORMALIZATION)}.'
+    )
   if config.dataset.augment_device not in augment_device.SETTINGS:
-    fail(f'dataset.augment_device={config.dataset.augment_device!r} is not one of '
-         f'{augment_device.SETTINGS}.')
+    fail(
+      f'dataset.augment_device={config.dataset.augment_device!r} is not one of '
+      f'{augment_device.SETTINGS}.'
+    )
   # Batches are global: each process loads value / processes rows, each device computes
   # value / devices of them (and a process's rows fill its own devices).
   devices, processes = jax.device_count(), jax.process_count()
@@ -70,17 +78,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'eval_batch_size'):
     value = config[key]
     if value <= 0 or value % devices or (value // processes) % local:
-      fail(f'{key}={value} (global) must be a positive multiple of the device count '
-           f'{devices} ({processes} process(es) x {local} local devices): it is split into a '
-           f'per-process batch of {value / processes:g} and a per-device batch of '
-           f'{value / devices:g}.')
+      fail(
+        f'{key}={value} (global) must be a positive multiple of the device count '
+        f'{devices} ({processes} process(es) x {local} local devices): it is split into a '
+        f'per-process batch of {value / processes:g} and a per-device batch of '
+        f'{value / devices:g}.'
+      )
   if config.export_weights not in EXPORT_CHOICES:
     fail(f'export_weights={config.export_weights!r} is not one of {EXPORT_CHOICES}.')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     fail('set num_epochs > 0 or num_train_steps > 0.')
   if config.init_from and not os.path.exists(config.init_from):
-    fail(f'init_from={config.init_from!r} does not exist (make it with python -m '
-         'kmcl_jax.convert).')
+    fail(
+      f'init_from={config.init_from!r} does not exist (make it with python -m kmcl_jax.convert).'
+    )
   for name, (low, high, closed) in _RANGES.items():
     value = _setting(config, name)
     if value is None and name in _DEFAULTED:
@@ -101,32 +112,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 _INF = float('inf')
 # Numeric settings with a natural range: name -> (low, high, (low included, high included)).
 _RANGES = {
-    'seed': (0, 2**32 - 1, (True, True)),
-    'optim.peak_lr': (0, _INF, (False, False)),
-    'optim.weight_decay': (0, _INF, (True, False)),
-    'optim.pct_start': (0, 1, (False, False)),
-    'optim.div_factor': (0, _INF, (False, False)),
-    'optim.final_div_factor': (0, _INF, (False, False)),
-    'optim.base_beta1': (0, 1, (True, False)),
-    'optim.max_beta1': (0, 1, (True, False)),
-    'optim.beta2': (0, 1, (True, False)),
-    'optim.eps': (0, _INF, (False, False)),
-    'ema_decay': (0, 1, (True, False)),
-    'eval_every_epochs': (0, _INF, (False, False)),
-    'log_every_steps': (1, _INF, (True, False)),
-    'checkpoint_every_steps': (1, _INF, (True, False)),
-    'dataset.holdout_fraction': (0, 1, (False, False)),
-    'dataset.worker_count': (0, _INF, (True, False)),
-    'model.reduced_dim': (1, _INF, (True, False)),
-    'eval.threshold': (0, 1, (False, False)),
-    'eval.top_k': (1, _INF, (True, False)),
-    'loss.lambda_asl': (0, _INF, (True, False)),
-    'loss.lambda_kmcl': (0, _INF, (True, False)),
-    'loss.temperature': (0, _INF, (False, False)),
-    'loss.asl_gamma_pos': (0, _INF, (True, False)),
-    'loss.asl_gamma_neg': (0, _INF, (True, False)),
-    'loss.asl_clip': (0, 1, (True, False)),
-    'loss.asl_eps': (0, 1, (False, False)),
+  'seed': (0, 2**32 - 1, (True, True)),
+  'optim.peak_lr': (0, _INF, (False, False)),
+  'optim.weight_decay': (0, _INF, (True, False)),
+  'optim.pct_start': (0, 1, (False, False)),
+  'optim.div_factor': (0, _INF, (False, False)),
+  'optim.final_div_factor': (0, _INF, (False, False)),
+  'optim.base_beta1': (0, 1, (True, False)),
+  'optim.max_beta1': (0, 1, (True, False)),
+  'optim.beta2': (0, 1, (True, False)),
+  'optim.eps': (0, _INF, (False, False)),
+  'ema_decay': (0, 1, (True, False)),
+  'eval_every_epochs': (0, _INF, (False, False)),
+  'log_every_steps': (1, _INF, (True, False)),
+  'checkpoint_every_steps': (1, _INF, (True, False)),
+  'dataset.holdout_fraction': (0, 1, (False, False)),
+  'dataset.worker_count': (0, _INF, (True, False)),
+  'model.reduced_dim': (1, _INF, (True, False)),
+  'eval.threshold': (0, 1, (False, False)),
+  'eval.top_k': (1, _INF, (True, False)),
+  'loss.lambda_asl': (0, _INF, (True, False)),
+  'loss.lambda_kmcl': (0, _INF, (True, False)),
+  'loss.temperature': (0, _INF, (False, False)),
+  'loss.asl_gamma_pos': (0, _INF, (True, False)),
+  'loss.asl_gamma_neg': (0, _INF, (True, False)),
+  'loss.asl_clip': (0, 1, (True, False)),
+  'loss.asl_eps': (0, 1, (False, False)),
 }
 _DEFAULTED = ('loss.lambda_asl', 'loss.lambda_kmcl', 'loss.temperature')  # None: the variant's
 
@@ -137,13 +148,15 @@ def _setting(config: ml_collections.ConfigDict, name: str) -> Any:
   return config
 
 
-def open_split(config: ml_collections.ConfigDict, split: str):
+def open_split(config: ml_collections.ConfigDict, split: str) -> data_lib.Source:
   """The source of one split of the config's dataset (with the config's options)."""
   ds = config.dataset
   return data_lib.get_source(ds.name, root=ds.root or None, split=split, **ds.options.to_dict())
 
 
-def open_sources(config: ml_collections.ConfigDict):
+def open_sources(
+  config: ml_collections.ConfigDict,
+) -> tuple[data_lib.Source, data_lib.Source | None, data_lib.Source]:
   """(train, selection split or None, test) sources for the config's dataset."""
   ds = config.dataset
   train, test = open_split(config, ds.train_split), open_split(config, ds.test_split)
@@ -155,16 +168,24 @@ def open_sources(config: ml_collections.ConfigDict):
     val = test
   for name, source in (('train', train), ('val', val), ('test', test)):
     if source is not None and tuple(source.class_names) != tuple(train.class_names):
-      raise ValueError(f'the {name} split has classes {source.class_names}, the train split '
-                       f'{train.class_names}.')
+      raise ValueError(
+        f'the {name} split has classes {source.class_names}, the train split {train.class_names}.'
+      )
   return train, val, test
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> KMCLModel:
-  return KMCLModel(config.model.name, num_classes, kind=config.model.kind,
-                   anisotropic=config.model.anisotropic, reduced_dim=config.model.reduced_dim,
-                   asl_only=config.loss.asl_only, dtype=DTYPES[config.model.dtype],
-                   rngs=nnx.Rngs(seed), **config.model.overrides.to_dict())
+  return KMCLModel(
+    config.model.name,
+    num_classes,
+    kind=config.model.kind,
+    anisotropic=config.model.anisotropic,
+    reduced_dim=config.model.reduced_dim,
+    asl_only=config.loss.asl_only,
+    dtype=DTYPES[config.model.dtype],
+    rngs=nnx.Rngs(seed),
+    **config.model.overrides.to_dict(),
+  )
 
 
 def total_steps(config: ml_collections.ConfigDict, train_size: int) -> tuple[int, int]:
@@ -175,13 +196,22 @@ def total_steps(config: ml_collections.ConfigDict, train_size: int) -> tuple[int
   return int(math.ceil(config.num_epochs * steps_per_epoch)), steps_per_epoch
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   o = config.optim
   return optim.make_optimizer(
-      total_steps=num_steps, peak_lr=o.peak_lr, weight_decay=o.weight_decay,
-      pct_start=o.pct_start, div_factor=o.div_factor, final_div_factor=o.final_div_factor,
-      base_beta1=o.base_beta1, max_beta1=o.max_beta1, beta2=o.beta2, eps=o.eps)
+    total_steps=num_steps,
+    peak_lr=o.peak_lr,
+    weight_decay=o.weight_decay,
+    pct_start=o.pct_start,
+    div_factor=o.div_factor,
+    final_div_factor=o.final_div_factor,
+    base_beta1=o.base_beta1,
+    max_beta1=o.max_beta1,
+    beta2=o.beta2,
+    eps=o.eps,
+  )
 
 
 def init_state(model_fn, optimizer: optax.GradientTransformation) -> dict[str, Any]:
@@ -192,22 +222,38 @@ def init_state(model_fn, optimizer: optax.GradientTransformation) -> dict[str, A
   """
   model = model_fn()
   params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
-  return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-              opt_state=optimizer.init(params), ema_params=params, ema_batch_stats=batch_stats,
-              skipped=jnp.zeros((), jnp.int32), best_val_map=jnp.full((), -1.0, jnp.float32),
-              best_is_ema=jnp.zeros((), jnp.int32))
+  return dict(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=optimizer.init(params),
+    ema_params=params,
+    ema_batch_stats=batch_stats,
+    skipped=jnp.zeros((), jnp.int32),
+    best_val_map=jnp.full((), -1.0, jnp.float32),
+    best_is_ema=jnp.zeros((), jnp.int32),
+  )
 
 
-def export_info(config: ml_collections.ConfigDict, class_names, *, weights: str, step: int
-                ) -> dict[str, Any]:
+def export_info(
+  config: ml_collections.ConfigDict, class_names, *, weights: str, step: int
+) -> dict[str, Any]:
   """The `model.json` of an export: everything needed to rebuild the model for inference."""
   mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
   return {
-      'model': config.model.name, 'image_size': config.model.image_size,
-      'encoder_overrides': config.model.overrides.to_dict(),
-      'kmm': {'kind': config.model.kind, 'anisotropic': config.model.anisotropic,
-              'reduced_dim': config.model.reduced_dim, 'asl_only': config.loss.asl_only},
-      'normalization': {'name': config.dataset.normalization, 'mean': list(mean),
-                        'std': list(std)},
-      'class_names': list(class_names), 'weights': weights, 'step': int(step),
-      'dtype': config.model.dtype, 'threshold': config.eval.threshold}
+    'model': config.model.name,
+    'image_size': config.model.image_size,
+    'encoder_overrides': config.model.overrides.to_dict(),
+    'kmm': {
+      'kind': config.model.kind,
+      'anisotropic': config.model.anisotropic,
+      'reduced_dim': config.model.reduced_dim,
+      'asl_only': config.loss.asl_only,
+    },
+    'normalization': {'name': config.dataset.normalization, 'mean': list(mean), 'std': list(std)},
+    'class_names': list(class_names),
+    'weights': weights,
+    'step': int(step),
+    'dtype': config.model.dtype,
+    'threshold': config.eval.threshold,
+  }

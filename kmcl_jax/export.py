@@ -49,6 +49,7 @@ def write_model_info(directory: str, model_info: dict[str, Any]) -> None:
 @dataclasses.dataclass
 class Export:
   """A loaded export: the model in inference mode and its model.json."""
+
   model: KMCLModel
   info: dict[str, Any]
 
@@ -77,10 +78,17 @@ class Export:
 def build_model(info: dict[str, Any], *, seed: int = 0) -> KMCLModel:
   """A freshly initialised model with the layout model.json describes."""
   kmm = info['kmm']
-  return KMCLModel(info['model'], len(info['class_names']), kind=kmm['kind'],
-                   anisotropic=kmm['anisotropic'], reduced_dim=kmm['reduced_dim'],
-                   asl_only=kmm['asl_only'], dtype=_DTYPES[info.get('dtype', 'float32')],
-                   rngs=nnx.Rngs(seed), **info.get('encoder_overrides', {}))
+  return KMCLModel(
+    info['model'],
+    len(info['class_names']),
+    kind=kmm['kind'],
+    anisotropic=kmm['anisotropic'],
+    reduced_dim=kmm['reduced_dim'],
+    asl_only=kmm['asl_only'],
+    dtype=_DTYPES[info.get('dtype', 'float32')],
+    rngs=nnx.Rngs(seed),
+    **info.get('encoder_overrides', {}),
+  )
 
 
 def load_export(directory: str) -> Export:
@@ -90,8 +98,10 @@ def load_export(directory: str) -> Export:
   weights_path = os.path.join(directory, 'weights')
   for path in (info_path, weights_path):
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} does not exist: {directory} is not an export folder '
-                              '(a training run writes one to WORKDIR/export).')
+      raise FileNotFoundError(
+        f'{path} does not exist: {directory} is not an export folder '
+        '(a training run writes one to WORKDIR/export).'
+      )
   with open(info_path) as f:
     info = json.load(f)
   abstract = nnx.eval_shape(lambda: build_model(info))

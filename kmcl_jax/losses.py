@@ -40,8 +40,8 @@ VARIANTS = ('paper', 'official')
 # float32 and is flushed to 0 where denormals are (XLA on CPU), making REC 0/0. We clamp at the
 # smallest normal float32 instead: the same value to 5 digits, and it survives flushing.
 _OFFICIAL_KERNEL_FLOOR = float(np.finfo(np.float32).tiny)
-_OFFICIAL_RATIO_FLOOR = 1e-7          # their clamp of the REC ratio (ASL's eps)
-_OFFICIAL_LOG_OFFSET = 1e-7           # log(J * ratio + 1e-7) in their contrastive loss
+_OFFICIAL_RATIO_FLOOR = 1e-7  # their clamp of the REC ratio (ASL's eps)
+_OFFICIAL_LOG_OFFSET = 1e-7  # log(J * ratio + 1e-7) in their contrastive loss
 _OFFICIAL_TEMPERATURE = 0.17
 
 
@@ -63,7 +63,8 @@ def _unbroadcast(grad: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums `grad` over the axes along which an input of `shape` was broadcast."""
   extra = grad.ndim - len(shape)
   axes = tuple(range(extra)) + tuple(
-      extra + i for i, size in enumerate(shape) if size == 1 and grad.shape[extra + i] != 1)
+    extra + i for i, size in enumerate(shape) if size == 1 and grad.shape[extra + i] != 1
+  )
   return jnp.sum(grad, axis=axes).reshape(shape) if axes else grad
 
 
@@ -82,9 +83,16 @@ def _per_dim_log_similarity(mu_p, var_p, mu_q, var_q, kind):
   return -(det_term + mean_term)
 
 
-def log_similarity(*, mu_p: ArrayLike, var_p: ArrayLike, mu_q: ArrayLike, var_q: ArrayLike,
-                   feature_dim: int, kind: str = 'bhattacharyya',
-                   anisotropic: bool = False) -> jax.Array:
+def log_similarity(
+  *,
+  mu_p: ArrayLike,
+  var_p: ArrayLike,
+  mu_q: ArrayLike,
+  var_q: ArrayLike,
+  feature_dim: int,
+  kind: str = 'bhattacharyya',
+  anisotropic: bool = False,
+) -> jax.Array:
   """Elementwise log of the similarity rho(p, q) between two exponential kernels.
 
   Isotropic (Eq. 3b, 2a, 2b): each entry is a kernel with mean mu * 1 and covariance var * I in
@@ -131,9 +139,9 @@ def _map_row_blocks(fn, arrays, *, per_row: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _pairwise_kernels(mu, var, kind, anisotropic, scale):
   """[N, N, K]: scale * sum over D (anisotropic) of the per-dimension terms of all pairs."""
+
   def rows(mu_rows, var_rows):
-    terms = _per_dim_log_similarity(mu_rows[:, None], var_rows[:, None], mu[None], var[None],
-                                    kind)
+    terms = _per_dim_log_similarity(mu_rows[:, None], var_rows[:, None], mu[None], var[None], kind)
     return scale * (jnp.sum(terms, axis=-1) if anisotropic else terms)
 
   return _map_row_blocks(rows, (mu, var), per_row=mu.size)
@@ -171,8 +179,9 @@ def _pairwise_kernels_bwd(kind, anisotropic, scale, residuals, g):
 _pairwise_kernels.defvjp(_pairwise_kernels_fwd, _pairwise_kernels_bwd)
 
 
-def pairwise_log_similarity(*, mu: ArrayLike, var: ArrayLike, feature_dim: int,
-                            kind: str = 'bhattacharyya') -> jax.Array:
+def pairwise_log_similarity(
+  *, mu: ArrayLike, var: ArrayLike, feature_dim: int, kind: str = 'bhattacharyya'
+) -> jax.Array:
   """log rho^{nm}_k for all pairs of samples: [N, N, K], entry [n, m, k] = log rho(g_k^n, g_k^m).
 
   Accepted shapes (see the module docstring): mu [N, K] with var [N, K] or [N, 1] (isotropic
@@ -186,8 +195,10 @@ def pairwise_log_similarity(*, mu: ArrayLike, var: ArrayLike, feature_dim: int,
     return _pairwise_kernels(mu, var, kind, False, feature_dim)
   if mu.ndim == 2 and var.ndim == 3:
     if kind == 'bhattacharyya':
-      raise ValueError('per-dimension variances shared by the classes ([N, 1, M]) need '
-                       "kind='mahalanobis' or 'gaussian' with an isotropic mean.")
+      raise ValueError(
+        'per-dimension variances shared by the classes ([N, 1, M]) need '
+        "kind='mahalanobis' or 'gaussian' with an isotropic mean."
+      )
     # Without the log-determinant the per-dimension sum factorises:
     # sum_d (mu_n - mu_m)^2 / (v_nd + v_md) = (mu_n - mu_m)^2 * sum_d 1 / (v_nd + v_md).
     v = var[:, 0, :]
@@ -232,8 +243,7 @@ def _masked_logsumexp(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
   total = jnp.sum(jnp.exp(jnp.where(mask, x - peak, -jnp.inf)), axis=axis)
   # log(0) would send 0 * inf = NaN back through the masked-out rows: take log(1) there.
   empty = total <= 0
-  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, total))
-                   + jnp.squeeze(peak, axis))
+  return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, total)) + jnp.squeeze(peak, axis))
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -242,9 +252,15 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
 
 
-def reconstruction_loss(*, features: ArrayLike, pi_logits: ArrayLike, mu: ArrayLike,
-                        var: ArrayLike, labels: ArrayLike,
-                        variant: str = 'paper') -> jax.Array:
+def reconstruction_loss(
+  *,
+  features: ArrayLike,
+  pi_logits: ArrayLike,
+  mu: ArrayLike,
+  var: ArrayLike,
+  labels: ArrayLike,
+  variant: str = 'paper',
+) -> jax.Array:
   """L_REC (Eq. 5): mean_n [logsumexp_k (log pi_k + log g_k) - logsumexp_{y_k=1} (...)].
 
   Samples with no positive label are excluded from the mean (their ratio is undefined); the loss
@@ -273,9 +289,17 @@ def reconstruction_loss(*, features: ArrayLike, pi_logits: ArrayLike, mu: ArrayL
   return _masked_mean(per_sample, has_positive)
 
 
-def asl_loss(*, logits: ArrayLike, labels: ArrayLike, gamma_pos: float = 0.0,
-             gamma_neg: float = 4.0, clip: float = 0.05, eps: float = 1e-7,
-             detach_focusing: bool = True, reduction: str = 'mean') -> jax.Array:
+def asl_loss(
+  *,
+  logits: ArrayLike,
+  labels: ArrayLike,
+  gamma_pos: float = 0.0,
+  gamma_neg: float = 4.0,
+  clip: float = 0.05,
+  eps: float = 1e-7,
+  detach_focusing: bool = True,
+  reduction: str = 'mean',
+) -> jax.Array:
   """Asymmetric loss (Eq. 6, Ridnik et al. 2021), per element
   -[y (1-p)^gamma_pos log(max(p, eps)) + (1-y) p_m^gamma_neg log(max(1-p_m, eps))],
   p = sigmoid(logit), p_m = max(p - clip, 0).
@@ -299,8 +323,9 @@ def asl_loss(*, logits: ArrayLike, labels: ArrayLike, gamma_pos: float = 0.0,
     weight = jnp.power(base, gamma)
     return jax.lax.stop_gradient(weight) if detach_focusing else weight
 
-  per_element = -(labels * focus(1.0 - p, gamma_pos) * log_pos
-                  + (1.0 - labels) * focus(p_m, gamma_neg) * log_neg)
+  per_element = -(
+    labels * focus(1.0 - p, gamma_pos) * log_pos + (1.0 - labels) * focus(p_m, gamma_neg) * log_neg
+  )
   total = jnp.sum(per_element)
   return total if reduction == 'sum' else total / labels.shape[0]
 
@@ -313,9 +338,16 @@ def _jaccard(labels: jax.Array) -> jax.Array:
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
 
 
-def kmcl_contrastive_loss(*, mu: ArrayLike, var: ArrayLike, labels: ArrayLike,
-                          feature_dim: int, temperature: float = 0.2,
-                          kind: str = 'bhattacharyya', variant: str = 'paper') -> jax.Array:
+def kmcl_contrastive_loss(
+  *,
+  mu: ArrayLike,
+  var: ArrayLike,
+  labels: ArrayLike,
+  feature_dim: int,
+  temperature: float = 0.2,
+  kind: str = 'bhattacharyya',
+  variant: str = 'paper',
+) -> jax.Array:
   """L_KMCL (Eq. 7), vectorised over [N, N, K]. 0 (not NaN) when no anchor has a positive.
 
   Paper: mean over anchors n with positives A(n) = {m != n : y_n . y_m > 0} of
@@ -336,7 +368,7 @@ def kmcl_contrastive_loss(*, mu: ArrayLike, var: ArrayLike, labels: ArrayLike,
   # Only finite where the anchor has another sample; masked out everywhere else below.
   log_ratio = logits - jnp.where(jnp.isfinite(log_denominator), log_denominator, 0.0)[:, None]
   shared = labels[:, None, :] * labels[None, :, :] * not_self[:, :, None]  # [N, N, K]
-  positive = jnp.any(shared > 0, axis=-1)                                   # [N, N] = A(n)
+  positive = jnp.any(shared > 0, axis=-1)  # [N, N] = A(n)
   num_positives = jnp.sum(positive, axis=-1)
   jaccard = _jaccard(labels)
   if variant == 'official':
@@ -360,6 +392,7 @@ class LossConfig:
   | temperature  | 0.2     | 0.17       |
   | asl_reduction| 'mean'  | 'sum'      |
   """
+
   variant: str = 'paper'
   kind: str = 'bhattacharyya'
   asl_only: bool = False
@@ -378,10 +411,12 @@ class LossConfig:
     _check_variant(self.variant)
     _check_kind(self.kind)
     official = self.variant == 'official'
-    defaults = dict(lambda_asl=1.0 if official else 0.1,
-                    lambda_kmcl=1.0 if official else 0.3,
-                    temperature=_OFFICIAL_TEMPERATURE if official else 0.2,
-                    asl_reduction='sum' if official else 'mean')
+    defaults = dict(
+      lambda_asl=1.0 if official else 0.1,
+      lambda_kmcl=1.0 if official else 0.3,
+      temperature=_OFFICIAL_TEMPERATURE if official else 0.2,
+      asl_reduction='sum' if official else 'mean',
+    )
     updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
     return dataclasses.replace(self, **updates)
 
@@ -396,9 +431,13 @@ class LossConfig:
     return cls(**items)
 
 
-def kmcl_objective(*, features: ArrayLike, head: Mapping[str, jax.Array], labels: ArrayLike,
-                   config: LossConfig | Mapping[str, Any]
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def kmcl_objective(
+  *,
+  features: ArrayLike,
+  head: Mapping[str, jax.Array],
+  labels: ArrayLike,
+  config: LossConfig | Mapping[str, Any],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 8: L = L_REC + lambda_1 L_ASL + lambda_2 L_KMCL, or L_ASL alone when asl_only.
 
   Args:
@@ -413,16 +452,35 @@ def kmcl_objective(*, features: ArrayLike, head: Mapping[str, jax.Array], labels
   if not isinstance(config, LossConfig):
     config = LossConfig.from_mapping(config)
   cfg = config.resolved()
-  asl = asl_loss(logits=head['pi_logits'], labels=labels, gamma_pos=cfg.asl_gamma_pos,
-                 gamma_neg=cfg.asl_gamma_neg, clip=cfg.asl_clip, eps=cfg.asl_eps,
-                 detach_focusing=cfg.asl_detach_focusing, reduction=cfg.asl_reduction)
+  asl = asl_loss(
+    logits=head['pi_logits'],
+    labels=labels,
+    gamma_pos=cfg.asl_gamma_pos,
+    gamma_neg=cfg.asl_gamma_neg,
+    clip=cfg.asl_clip,
+    eps=cfg.asl_eps,
+    detach_focusing=cfg.asl_detach_focusing,
+    reduction=cfg.asl_reduction,
+  )
   zero = jnp.zeros((), jnp.float32)
   if cfg.asl_only:
     return asl, {'loss': asl, 'asl': asl, 'rec': zero, 'kmcl': zero}
-  rec = reconstruction_loss(features=features, pi_logits=head['pi_logits'], mu=head['mu'],
-                            var=head['var'], labels=labels, variant=cfg.variant)
-  kmcl = kmcl_contrastive_loss(mu=head['mu'], var=head['var'], labels=labels,
-                               feature_dim=jnp.shape(features)[-1], temperature=cfg.temperature,
-                               kind=cfg.kind, variant=cfg.variant)
+  rec = reconstruction_loss(
+    features=features,
+    pi_logits=head['pi_logits'],
+    mu=head['mu'],
+    var=head['var'],
+    labels=labels,
+    variant=cfg.variant,
+  )
+  kmcl = kmcl_contrastive_loss(
+    mu=head['mu'],
+    var=head['var'],
+    labels=labels,
+    feature_dim=jnp.shape(features)[-1],
+    temperature=cfg.temperature,
+    kind=cfg.kind,
+    variant=cfg.variant,
+  )
   loss = rec + cfg.lambda_asl * asl + cfg.lambda_kmcl * kmcl
   return loss, {'loss': loss, 'asl': asl, 'rec': rec, 'kmcl': kmcl}

@@ -11,47 +11,57 @@ under SLURM and on Cloud TPU VM pods (detected by JAX); launch/ has a script per
 import logging as std_logging
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kmcl_jax import checkpoint
-from kmcl_jax import distributed
-from kmcl_jax import train
-from kmcl_jax import workdir
+from kmcl_jax import checkpoint, distributed, train, workdir
 from kmcl_jax.data import pipeline
 from kmcl_jax.data.base import UnreadableImageError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Training configuration file.', lock_config=True
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 _ALLOW_CHANGE = flags.DEFINE_bool(
-    'allow_config_change', False, 'Continue a workdir with deliberately changed settings (more '
-    'steps, another evaluation schedule, a moved dataset.root); recorded in '
-    'config_changes.jsonl. Changes of model, data, batch, optimizer, seed or loss are refused '
-    'anyway.')
+  'allow_config_change',
+  False,
+  'Continue a workdir with deliberately changed settings (more '
+  'steps, another evaluation schedule, a moved dataset.root); recorded in '
+  'config_changes.jsonl. Changes of model, data, batch, optimizer, seed or loss are refused '
+  'anyway.',
+)
 _RESUME_FALLBACK = flags.DEFINE_bool(
-    'resume_fallback', False, 'If the newest checkpoint cannot be restored, move it to '
-    'checkpoints/unreadable/ and resume from the next newest one.')
+  'resume_fallback',
+  False,
+  'If the newest checkpoint cannot be restored, move it to '
+  'checkpoints/unreadable/ and resume from the next newest one.',
+)
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the full traceback of an error.')
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'HOST:PORT of process 0, reachable from every process. With '
-    '--num_processes and --process_id; all unset: detected under SLURM and on Cloud TPU VM '
-    'pods, else one process.')
+  'coordinator_address',
+  None,
+  'HOST:PORT of process 0, reachable from every process. With '
+  '--num_processes and --process_id; all unset: detected under SLURM and on Cloud TPU VM '
+  'pods, else one process.',
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 _COORDINATOR_TIMEOUT = flags.DEFINE_integer(
-    'coordinator_timeout_s', 300, 'Seconds to wait at start-up for the coordinator and all '
-    'processes (nodes of a cluster job may start minutes apart).', lower_bound=1)
+  'coordinator_timeout_s',
+  300,
+  'Seconds to wait at start-up for the coordinator and all '
+  'processes (nodes of a cluster job may start minutes apart).',
+  lower_bound=1,
+)
 
 
 @flags.multi_flags_validator(['coordinator_address', 'num_processes', 'process_id'])
 def _check_process_flags(values):
-  error = distributed.flag_error(values['coordinator_address'], values['num_processes'],
-                                 values['process_id'])
+  error = distributed.flag_error(
+    values['coordinator_address'], values['num_processes'], values['process_id']
+  )
   if error:
     raise flags.ValidationError(error)
   return True
@@ -70,13 +80,18 @@ class _QuietLibraries(std_logging.Filter):
 
 def _user_error(error: BaseException) -> str | None:
   """The one-line message of an error a user can cause and fix; None for anything else."""
-  if isinstance(error, (train.ConfigError, workdir.WorkdirError, checkpoint.CheckpointError,
-                        pipeline.InputError)):
+  if isinstance(
+    error,
+    (train.ConfigError, workdir.WorkdirError, checkpoint.CheckpointError, pipeline.InputError),
+  ):
     return str(error)
-  if isinstance(error, UnreadableImageError) or (isinstance(error, FileNotFoundError)
-                                                 and not error.filename):
-    return (f'{error}. Restore the file, or set dataset.skip_unreadable=True to skip and '
-            'count unreadable images.')
+  if isinstance(error, UnreadableImageError) or (
+    isinstance(error, FileNotFoundError) and not error.filename
+  ):
+    return (
+      f'{error}. Restore the file, or set dataset.skip_unreadable=True to skip and '
+      'count unreadable images.'
+    )
   if isinstance(error, OSError) and error.strerror:  # disk full, permissions, ...
     return f'{error.filename or "error"}: {error.strerror}'
   return None
@@ -96,9 +111,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     text = str(e.args[0]) if e.args else str(e)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = lines[0].strip("'\"") if lines else ''
-    flag = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and key
-                 and key in a.split('=')[0].split('.')), None)
+    key = lines[0].strip('\'"') if lines else ''
+    flag = next(
+      (
+        a.split('=')[0]
+        for a in argv[1:]
+        if a.startswith('--config.') and key and key in a.split('=')[0].split('.')
+      ),
+      None,
+    )
     if flag:
       sys.exit(f'config error: {flag}: no such setting. {" ".join(lines[1:])}'.rstrip())
     sys.exit(f'config error: {" ".join(lines)}')
@@ -108,23 +129,34 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before anything touches a device: jax.distributed must see the backends start.
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         timeout_s=_COORDINATOR_TIMEOUT.value)
+  distributed.initialize(
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    timeout_s=_COORDINATOR_TIMEOUT.value,
+  )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log of the run: process 0's; others warn
   logging.info('%s', distributed.platform_line())
-  logging.info('%s', distributed.batch_line(_CONFIG.value.batch_size,
-                                            _CONFIG.value.eval_batch_size))
+  logging.info(
+    '%s', distributed.batch_line(_CONFIG.value.batch_size, _CONFIG.value.eval_batch_size)
+  )
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                             allow_config_change=_ALLOW_CHANGE.value,
-                             resume_fallback=_RESUME_FALLBACK.value)
+    train.train_and_evaluate(
+      _CONFIG.value,
+      _WORKDIR.value,
+      allow_config_change=_ALLOW_CHANGE.value,
+      resume_fallback=_RESUME_FALLBACK.value,
+    )
   except KeyboardInterrupt:
     if _DEBUG.value:
       raise
-    print(f'Interrupted. Rerun the same command to resume from the last checkpoint in '
-          f'{_WORKDIR.value}/checkpoints (if any).', file=sys.stderr)
+    print(
+      f'Interrupted. Rerun the same command to resume from the last checkpoint in '
+      f'{_WORKDIR.value}/checkpoints (if any).',
+      file=sys.stderr,
+    )
     sys.exit(130)
   except Exception as e:  # noqa: BLE001 - user errors become one line; others keep tracebacks
     message = _user_error(e)

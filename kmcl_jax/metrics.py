@@ -54,20 +54,24 @@ def _as_mask(name: str, array: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isin(mask, (0, 1)).all():
       bad = np.unique(mask[~np.isin(mask, (0, 1))])[:5]
       raise ValueError(
-          f'{name} must hold only 0 and 1, found {bad.tolist()}; convert raw VOC labels '
-          'with labels = (raw == 1) and difficult = (raw == 0).')
+        f'{name} must hold only 0 and 1, found {bad.tolist()}; convert raw VOC labels '
+        'with labels = (raw == 1) and difficult = (raw == 0).'
+      )
     mask = mask.astype(bool)
   return mask
 
 
-def _validated(scores: ArrayLike, labels: ArrayLike, ignore: ArrayLike | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _validated(
+  scores: ArrayLike, labels: ArrayLike, ignore: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Checks shapes and values; returns float64 scores, bool labels, bool keep-mask."""
   scores = np.asarray(scores)
   labels_shape = np.shape(labels)
   if scores.ndim != 2 or len(labels_shape) != 2:
-    raise ValueError('scores and labels must be 2-D [N samples, K classes], got shapes '
-                     f'{scores.shape} and {labels_shape}.')
+    raise ValueError(
+      'scores and labels must be 2-D [N samples, K classes], got shapes '
+      f'{scores.shape} and {labels_shape}.'
+    )
   if scores.shape != labels_shape:
     raise ValueError(f'scores have shape {scores.shape} but labels have shape {labels_shape}.')
   if scores.shape[0] == 0 or scores.shape[1] == 0:
@@ -76,8 +80,9 @@ def _validated(scores: ArrayLike, labels: ArrayLike, ignore: ArrayLike | None = 
     raise ValueError(f'scores must be real numbers, got dtype {scores.dtype}.')
   scores = scores.astype(np.float64)
   if np.isnan(scores).any():
-    raise ValueError(f'scores hold {int(np.isnan(scores).sum())} NaN value(s) '
-                     f'(shape {scores.shape}).')
+    raise ValueError(
+      f'scores hold {int(np.isnan(scores).sum())} NaN value(s) (shape {scores.shape}).'
+    )
   labels = _as_mask('labels', labels, scores.shape)
   if ignore is None:
     keep = np.ones(scores.shape, bool)
@@ -97,8 +102,9 @@ def _f1(precision: float, recall: float) -> float:
   return 2.0 * precision * recall / total if total > 0 else 0.0
 
 
-def average_precision(scores: ArrayLike, labels: ArrayLike, *,
-                      ignore: ArrayLike | None = None) -> np.ndarray:
+def average_precision(
+  scores: ArrayLike, labels: ArrayLike, *, ignore: ArrayLike | None = None
+) -> np.ndarray:
   """Per-class average precision: the mean of the precision at the rank of each positive.
 
   Args:
@@ -126,15 +132,21 @@ def average_precision(scores: ArrayLike, labels: ArrayLike, *,
   return ap
 
 
-def mean_average_precision(scores: ArrayLike, labels: ArrayLike, *,
-                           ignore: ArrayLike | None = None) -> float:
+def mean_average_precision(
+  scores: ArrayLike, labels: ArrayLike, *, ignore: ArrayLike | None = None
+) -> float:
   """mAP x100 over the classes with at least one positive (0.0 if there are none)."""
   return 100.0 * _mean_defined(average_precision(scores, labels, ignore=ignore))
 
 
-def threshold_metrics(scores: ArrayLike, labels: ArrayLike, *, threshold: float,
-                      top_k: int | None = None,
-                      ignore: ArrayLike | None = None) -> dict[str, float]:
+def threshold_metrics(
+  scores: ArrayLike,
+  labels: ArrayLike,
+  *,
+  threshold: float,
+  top_k: int | None = None,
+  ignore: ArrayLike | None = None,
+) -> dict[str, float]:
   """Overall and per-class precision, recall and F1 (x100) of thresholded predictions.
 
   Args:
@@ -168,18 +180,17 @@ def threshold_metrics(scores: ArrayLike, labels: ArrayLike, *, threshold: float,
 
   op = true_pos.sum() / num_pred.sum() if num_pred.sum() else 0.0
   o_r = true_pos.sum() / num_true.sum() if num_true.sum() else 0.0
-  class_precision = np.divide(true_pos, num_pred, out=np.zeros_like(true_pos),
-                              where=num_pred > 0)
-  class_recall = np.divide(true_pos, num_true, out=np.full_like(true_pos, np.nan),
-                           where=num_true > 0)
+  class_precision = np.divide(true_pos, num_pred, out=np.zeros_like(true_pos), where=num_pred > 0)
+  class_recall = np.divide(
+    true_pos, num_true, out=np.full_like(true_pos, np.nan), where=num_true > 0
+  )
   cp = float(class_precision.mean())
   cr = _mean_defined(class_recall)
   values = (op, o_r, _f1(op, o_r), cp, cr, _f1(cp, cr))
   return {name: 100.0 * float(v) for name, v in zip(_METRIC_NAMES, values)}
 
 
-def roc_auc(scores: ArrayLike, labels: ArrayLike, *,
-            ignore: ArrayLike | None = None) -> np.ndarray:
+def roc_auc(scores: ArrayLike, labels: ArrayLike, *, ignore: ArrayLike | None = None) -> np.ndarray:
   """Per-class area under the ROC curve, tied positive/negative pairs counting half.
 
   AUC = U / (P * Q) with U the Mann-Whitney statistic: for each positive, the number of
@@ -221,9 +232,16 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike, *,
   return auc
 
 
-def evaluation_report(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayLike | None = None,
-                      threshold: float = 0.8, top_k: int | None = 3, with_auc: bool = False,
-                      class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def evaluation_report(
+  scores: ArrayLike,
+  labels: ArrayLike,
+  *,
+  difficult: ArrayLike | None = None,
+  threshold: float = 0.8,
+  top_k: int | None = 3,
+  with_auc: bool = False,
+  class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
   """Every figure of the paper's tables for one set of scores, as JSON-ready Python values.
 
   Args:
@@ -248,16 +266,21 @@ def evaluation_report(scores: ArrayLike, labels: ArrayLike, *, difficult: ArrayL
   if class_names is not None:
     class_names = [str(name) for name in class_names]
     if len(class_names) != num_classes or len(set(class_names)) != num_classes:
-      raise ValueError(f'class_names must be {num_classes} distinct names (one per score '
-                       f'column), got {len(class_names)} ({len(set(class_names))} distinct).')
+      raise ValueError(
+        f'class_names must be {num_classes} distinct names (one per score '
+        f'column), got {len(class_names)} ({len(set(class_names))} distinct).'
+      )
 
   def per_class(values: np.ndarray) -> dict[str, float] | list[float]:
     values = [100.0 * float(v) for v in values]
     return dict(zip(class_names, values)) if class_names is not None else values
 
   ap = average_precision(scores, labels, ignore=ignore)
-  report: dict[str, Any] = {'threshold': float(threshold), 'top_k': None,
-                            'mAP': 100.0 * _mean_defined(ap)}
+  report: dict[str, Any] = {
+    'threshold': float(threshold),
+    'top_k': None,
+    'mAP': 100.0 * _mean_defined(ap),
+  }
   report.update(threshold_metrics(scores, labels, threshold=threshold, ignore=ignore))
   if top_k is not None:
     top = threshold_metrics(scores, labels, threshold=threshold, top_k=top_k, ignore=ignore)

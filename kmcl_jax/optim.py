@@ -46,14 +46,14 @@ def _cos_anneal(start: float, end: float, frac_done: jax.Array, frac_left: jax.A
 
 
 def onecycle_schedules(
-    *,
-    total_steps: int,
-    peak_lr: float,
-    pct_start: float = 0.2,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
-    base_beta1: float = 0.85,
-    max_beta1: float = 0.95,
+  *,
+  total_steps: int,
+  peak_lr: float,
+  pct_start: float = 0.2,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
+  base_beta1: float = 0.85,
+  max_beta1: float = 0.95,
 ) -> tuple[Schedule, Schedule]:
   """Learning-rate and beta1 schedules of torch's `OneCycleLR(anneal_strategy='cos')`.
 
@@ -102,16 +102,18 @@ def onecycle_schedules(
   def lr_schedule(step: jax.typing.ArrayLike) -> jax.Array:
     in_warmup, done, left = phase(step)
     return jnp.where(
-        in_warmup,
-        _cos_anneal(initial_lr, peak_lr, done, left),
-        _cos_anneal(peak_lr, min_lr, done, left))
+      in_warmup,
+      _cos_anneal(initial_lr, peak_lr, done, left),
+      _cos_anneal(peak_lr, min_lr, done, left),
+    )
 
   def beta1_schedule(step: jax.typing.ArrayLike) -> jax.Array:
     in_warmup, done, left = phase(step)
     return jnp.where(
-        in_warmup,
-        _cos_anneal(max_beta1, base_beta1, done, left),
-        _cos_anneal(base_beta1, max_beta1, done, left))
+      in_warmup,
+      _cos_anneal(max_beta1, base_beta1, done, left),
+      _cos_anneal(base_beta1, max_beta1, done, left),
+    )
 
   return lr_schedule, beta1_schedule
 
@@ -122,17 +124,17 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    *,
-    total_steps: int,
-    peak_lr: float,
-    weight_decay: float,
-    pct_start: float,
-    div_factor: float,
-    final_div_factor: float,
-    base_beta1: float,
-    max_beta1: float,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
+  *,
+  total_steps: int,
+  peak_lr: float,
+  weight_decay: float,
+  pct_start: float,
+  div_factor: float,
+  final_div_factor: float,
+  base_beta1: float,
+  max_beta1: float,
+  beta2: float = 0.999,
+  eps: float = 1e-8,
 ) -> optax.GradientTransformation:
   """Adam + coupled L2 on kernels + OneCycle learning rate and beta1, as the authors' train.py.
 
@@ -140,12 +142,19 @@ def make_optimizer(
   state is `(decay_state, InjectHyperparamsState)`; `current_hparams` reads the logged values.
   """
   lr_schedule, beta1_schedule = onecycle_schedules(
-      total_steps=total_steps, peak_lr=peak_lr, pct_start=pct_start, div_factor=div_factor,
-      final_div_factor=final_div_factor, base_beta1=base_beta1, max_beta1=max_beta1)
+    total_steps=total_steps,
+    peak_lr=peak_lr,
+    pct_start=pct_start,
+    div_factor=div_factor,
+    final_div_factor=final_div_factor,
+    base_beta1=base_beta1,
+    max_beta1=max_beta1,
+  )
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=decay_mask),
-      optax.inject_hyperparams(optax.adam)(
-          learning_rate=lr_schedule, b1=beta1_schedule, b2=beta2, eps=eps),
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.inject_hyperparams(optax.adam)(
+      learning_rate=lr_schedule, b1=beta1_schedule, b2=beta2, eps=eps
+    ),
   )
 
 
@@ -162,6 +171,7 @@ def ema_update(ema_tree: Any, new_tree: Any, decay: jax.typing.ArrayLike) -> Any
   meaningless (torch's ModelEma truncates the average of `num_batches_tracked`), so they follow
   the live model. Float leaves keep the EMA's dtype.
   """
+
   def update(ema: jax.Array, new: jax.Array) -> jax.Array:
     if not jnp.issubdtype(jnp.result_type(ema), jnp.floating):
       return new

@@ -22,26 +22,22 @@ status is then 1; it is 0 when every image was predicted (and 1 for a usage or e
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import concurrent.futures
 import functools
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 import tqdm
+from absl import app, flags, logging
+from flax import nnx
 
 from kmcl_jax import export as export_lib
-from kmcl_jax.data import augment
-from kmcl_jax.data import base as data_base
-from kmcl_jax.data import pipeline
+from kmcl_jax.data import augment, base as data_base, pipeline
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 _DECODE_THREADS = 4  # PIL and libjpeg release the GIL while decoding and resizing
@@ -84,8 +80,9 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     if os.path.isdir(path):
       for root, dirs, names in os.walk(path):
         dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [
+          os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     elif os.path.isfile(path):
       files.append(path)
     else:
@@ -105,8 +102,9 @@ def _read(path: str, image_size: int) -> tuple[str, np.ndarray | None, str | Non
     return path, None, str(e)
 
 
-def predict_files(exported: export_lib.Export, files: Sequence[str], *, batch_size: int,
-                  on_error=None) -> Iterator[dict]:
+def predict_files(
+  exported: export_lib.Export, files: Sequence[str], *, batch_size: int, on_error=None
+) -> Iterator[dict]:
   """Yields {'path', 'probs' [K], 'variance' [K] or None} per readable file, in order.
 
   Batches are padded to `batch_size` so that one compiled function serves every batch.
@@ -118,8 +116,9 @@ def predict_files(exported: export_lib.Export, files: Sequence[str], *, batch_si
   size = exported.image_size
   with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
     for start in range(0, len(files), batch_size):
-      chunk = list(pool.map(functools.partial(_read, image_size=size),
-                            files[start:start + batch_size]))
+      chunk = list(
+        pool.map(functools.partial(_read, image_size=size), files[start : start + batch_size])
+      )
       good = [(path, image) for path, image, _ in chunk if image is not None]
       for path, _, error in chunk:
         if error is not None and on_error is not None:
@@ -127,11 +126,14 @@ def predict_files(exported: export_lib.Export, files: Sequence[str], *, batch_si
       if not good:
         continue
       images = np.zeros((batch_size, size, size, 3), np.uint8)
-      images[:len(good)] = np.stack([image for _, image in good])
+      images[: len(good)] = np.stack([image for _, image in good])
       out = jax.device_get(step(params, batch_stats, images))
       for i, (path, _) in enumerate(good):
-        yield {'path': path, 'probs': out['probs'][i],
-               'variance': out['variance'][i] if 'variance' in out else None}
+        yield {
+          'path': path,
+          'probs': out['probs'][i],
+          'variance': out['variance'][i] if 'variance' in out else None,
+        }
 
 
 def to_record(prediction: dict, class_names: Sequence[str], thresholds: np.ndarray) -> dict:
@@ -139,11 +141,12 @@ def to_record(prediction: dict, class_names: Sequence[str], thresholds: np.ndarr
   probs = prediction['probs']
   variance = prediction['variance']
   return {
-      'path': prediction['path'],
-      'labels': [c for c, p, t in zip(class_names, probs, thresholds) if p >= t],
-      'scores': {c: float(p) for c, p in zip(class_names, probs)},
-      'variance': (None if variance is None
-                   else {c: float(v) for c, v in zip(class_names, variance)}),
+    'path': prediction['path'],
+    'labels': [c for c, p, t in zip(class_names, probs, thresholds) if p >= t],
+    'scores': {c: float(p) for c, p in zip(class_names, probs)},
+    'variance': (
+      None if variance is None else {c: float(v) for c, v in zip(class_names, variance)}
+    ),
   }
 
 
@@ -157,9 +160,16 @@ def _readable(record: dict) -> str:
   return f'{record["path"]}: ' + (', '.join(parts) if parts else '(no label)')
 
 
-def predict_paths(export_dir: str, paths: Sequence[str], *, jsonl: bool,
-                  threshold: float | None, batch_size: int, out=sys.stdout,
-                  err=sys.stderr) -> int:
+def predict_paths(
+  export_dir: str,
+  paths: Sequence[str],
+  *,
+  jsonl: bool,
+  threshold: float | None,
+  batch_size: int,
+  out=sys.stdout,
+  err=sys.stderr,
+) -> int:
   """The command as a function; returns the exit status (1 when any file was skipped)."""
   exported = export_lib.load_export(export_dir)
   thresholds = exported.thresholds(threshold)
@@ -187,8 +197,12 @@ def predict_paths(export_dir: str, paths: Sequence[str], *, jsonl: bool,
 def _define_flags():
   flags.DEFINE_string('export', None, 'Export folder (a training run writes WORKDIR/export).')
   flags.DEFINE_bool('jsonl', False, 'One JSON object per image and line on stdout.')
-  flags.DEFINE_float('threshold', None, 'One global threshold; default: the export\'s '
-                     'per-class thresholds if tuned, else its threshold.')
+  flags.DEFINE_float(
+    'threshold',
+    None,
+    "One global threshold; default: the export's "
+    'per-class thresholds if tuned, else its threshold.',
+  )
   flags.DEFINE_integer('batch_size', 32, 'Images per jitted call.')
   flags.mark_flags_as_required(['export'])
 
@@ -202,8 +216,9 @@ def main(argv):
   if f.batch_size < 1:
     raise app.UsageError(f'--batch_size must be positive, got {f.batch_size}.')
   try:
-    status = predict_paths(f.export, paths, jsonl=f.jsonl, threshold=f.threshold,
-                           batch_size=f.batch_size)
+    status = predict_paths(
+      f.export, paths, jsonl=f.jsonl, threshold=f.threshold, batch_size=f.batch_size
+    )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   sys.exit(status)

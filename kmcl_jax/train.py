@@ -26,29 +26,31 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-import tqdm
 
-from kmcl_jax import checkpoint as checkpoint_lib
-from kmcl_jax import distributed
-from kmcl_jax import evaluate as evaluate_lib
-from kmcl_jax import experiment
-from kmcl_jax import export as export_lib
-from kmcl_jax import losses
-from kmcl_jax import optim
-from kmcl_jax import workdir as workdir_lib
-from kmcl_jax.data import augment_device
-from kmcl_jax.data import pipeline
+from kmcl_jax import (
+  checkpoint as checkpoint_lib,
+  distributed,
+  evaluate as evaluate_lib,
+  experiment,
+  export as export_lib,
+  losses,
+  optim,
+  workdir as workdir_lib,
+)
+from kmcl_jax.data import augment_device, pipeline
 from kmcl_jax.models import KMCLModel
 from kmcl_jax.writer import MetricWriter
 
@@ -60,12 +62,21 @@ ConfigError = experiment.ConfigError
 
 
 def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossConfig,
-               ema_decay: float, mean, std, augment=None):
+def train_step(
+  state: dict[str, Any],
+  batch: dict[str, jax.Array],
+  *,
+  graphdef: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  loss_config: losses.LossConfig,
+  ema_decay: float,
+  mean: Sequence[float],
+  std: Sequence[float],
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimisation step on a (global) batch; returns (new_state, metrics).
 
   `augment(images_uint8, step)`, when given, augments the batch on the device before it is
@@ -80,34 +91,43 @@ def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossCon
     # copy: fresh Variables at this trace level, so BatchNorm may update its statistics.
     model = nnx.merge(graphdef, params, state['batch_stats'], copy=True)
     out = model(images)
-    loss, aux = losses.kmcl_objective(features=out['features'], head=out,
-                                      labels=batch['labels'], config=loss_config)
+    loss, aux = losses.kmcl_objective(
+      features=out['features'], head=out, labels=batch['labels'], config=loss_config
+    )
     return loss, (aux, nnx.state(model, nnx.BatchStat))
 
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state['params'])
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   grad_norm = _global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(old):
     updates, opt_state = optimizer.update(grads, old['opt_state'], old['params'])
     params = optax.apply_updates(old['params'], updates)
-    return dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                ema_params=optim.ema_update(old['ema_params'], params, ema_decay),
-                ema_batch_stats=optim.ema_update(old['ema_batch_stats'], batch_stats,
-                                                 ema_decay))
+    return dict(
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      ema_params=optim.ema_update(old['ema_params'], params, ema_decay),
+      ema_batch_stats=optim.ema_update(old['ema_batch_stats'], batch_stats, ema_decay),
+    )
 
   # A cond rather than a where per array: the update then writes the donated buffers in place,
   # where keeping both versions alive made XLA copy the state every step (BENCHMARKS.md).
   kept = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats')
-  new_state = dict(state, **jax.lax.cond(finite, update, lambda old: old,
-                                         {k: state[k] for k in kept}))
+  new_state = dict(
+    state, **jax.lax.cond(finite, update, lambda old: old, {k: state[k] for k in kept})
+  )
   new_state['step'] = state['step'] + 1
   new_state['skipped'] = state['skipped'] + (~finite).astype(jnp.int32)
   hparams = optim.current_hparams(new_state['opt_state'])
-  metrics = dict(aux, grad_norm=grad_norm, param_norm=_global_norm(new_state['params']),
-                 learning_rate=hparams['learning_rate'], beta1=hparams['beta1'],
-                 skipped_steps=new_state['skipped'])
+  metrics = dict(
+    aux,
+    grad_norm=grad_norm,
+    param_norm=_global_norm(new_state['params']),
+    learning_rate=hparams['learning_rate'],
+    beta1=hparams['beta1'],
+    skipped_steps=new_state['skipped'],
+  )
   return new_state, metrics
 
 
@@ -117,6 +137,7 @@ def train_step(state, batch, *, graphdef, optimizer, loss_config: losses.LossCon
 @dataclasses.dataclass
 class _Run:
   """What the loop needs besides the state: compiled steps, shardings, data, writers."""
+
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   data_sharding: NamedSharding
@@ -127,22 +148,36 @@ class _Run:
   def evaluate(self, state, source, *, desc: str) -> dict[str, dict[str, Any]]:
     """Reports of the model and its EMA on `source`."""
     c = self.config
-    weights = {'model': (state['params'], state['batch_stats']),
-               'ema': (state['ema_params'], state['ema_batch_stats'])}
+    weights = {
+      'model': (state['params'], state['batch_stats']),
+      'ema': (state['ema_params'], state['ema_batch_stats']),
+    }
     return evaluate_lib.evaluate(
-        self.predict_fn, weights, source, data_sharding=self.data_sharding,
-        batch_size=c.eval_batch_size, image_size=c.model.image_size,
-        threshold=c.eval.threshold, top_k=c.eval.top_k, with_auc=c.eval.with_auc,
-        class_names=self.class_names, desc=desc)
+      self.predict_fn,
+      weights,
+      source,
+      data_sharding=self.data_sharding,
+      batch_size=c.eval_batch_size,
+      image_size=c.model.image_size,
+      threshold=c.eval.threshold,
+      top_k=c.eval.top_k,
+      with_auc=c.eval.with_auc,
+      class_names=self.class_names,
+      desc=desc,
+    )
 
 
 def _to_global(run: _Run, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   return evaluate_lib.to_global(run.data_sharding, local_batch)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False, resume_fallback: bool = False
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  resume_fallback: bool = False,
+) -> dict[str, Any]:
   """Trains, evaluates and exports as the config says; returns the results.json content.
 
   Before anything is compiled or written: the settings are checked, the workdir is checked to
@@ -169,8 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if refusal is not None:
     raise refusal
   try:
-    return _train_and_evaluate(config, workdir, allow_config_change=allow_config_change,
-                               resume_fallback=resume_fallback)
+    return _train_and_evaluate(
+      config, workdir, allow_config_change=allow_config_change, resume_fallback=resume_fallback
+    )
   finally:
     if lock is not None:
       lock.release()
@@ -216,8 +252,7 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
     changes = workdir_lib.check_config(workdir, config, allow_change=allow_config_change)
     workdir_lib.record_config(workdir, config, changes)
 
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   optimizer = experiment.make_optimizer(config, num_steps)
@@ -231,8 +266,8 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
   abstract_state = jax.eval_shape(functools.partial(experiment.init_state, model_fn, optimizer))
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, state_sharding)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
+  )
 
   if config.init_from:
     # A mismatching checkpoint is a config error: find it on the abstract model, before any
@@ -246,25 +281,46 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
   loss_config = losses.LossConfig.from_mapping(config.loss.to_dict())
   # dataset.augment_device: the host only resizes, the step runs the augmentations.
   on_device = augment_device.enabled(config.dataset.augment_device)
-  device_augment = (augment_device.sharded_augment(kind=config.dataset.augment,
-                                                   seed=config.seed, mesh=mesh)
-                    if on_device and config.dataset.augment != 'none' else None)
+  device_augment = (
+    augment_device.sharded_augment(kind=config.dataset.augment, seed=config.seed, mesh=mesh)
+    if on_device and config.dataset.augment != 'none'
+    else None
+  )
   run = _Run(
-      config=config, mesh=mesh, data_sharding=data_sharding, class_names=class_names,
-      train_step=jax.jit(
-          functools.partial(train_step, graphdef=train_graphdef, optimizer=optimizer,
-                            loss_config=loss_config, ema_decay=config.ema_decay,
-                            mean=mean, std=std, augment=device_augment),
-          out_shardings=(state_sharding, replicated), donate_argnums=0),
-      predict_fn=evaluate_lib.make_predict_fn(eval_graphdef, mean=mean, std=std,
-                                              data_sharding=data_sharding))
+    config=config,
+    mesh=mesh,
+    data_sharding=data_sharding,
+    class_names=class_names,
+    train_step=jax.jit(
+      functools.partial(
+        train_step,
+        graphdef=train_graphdef,
+        optimizer=optimizer,
+        loss_config=loss_config,
+        ema_decay=config.ema_decay,
+        mean=mean,
+        std=std,
+        augment=device_augment,
+      ),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    ),
+    predict_fn=evaluate_lib.make_predict_fn(
+      eval_graphdef, mean=mean, std=std, data_sharding=data_sharding
+    ),
+  )
 
   per_process_batch = config.batch_size // jax.process_count()
   train_iter = pipeline.train_iterator(
-      train_src, batch_size=per_process_batch, image_size=config.model.image_size,
-      augment='none' if on_device else config.dataset.augment, seed=config.seed,
-      difficult_as_positive=config.dataset.difficult_as_positive,
-      worker_count=config.dataset.worker_count, skip_unreadable=config.dataset.skip_unreadable)
+    train_src,
+    batch_size=per_process_batch,
+    image_size=config.model.image_size,
+    augment='none' if on_device else config.dataset.augment,
+    seed=config.seed,
+    difficult_as_positive=config.dataset.difficult_as_positive,
+    worker_count=config.dataset.worker_count,
+    skip_unreadable=config.dataset.skip_unreadable,
+  )
 
   ckpt = checkpoint_lib.Checkpoints(workdir)
   # Resume order: this workdir's newest checkpoint -> init_from weights -> from scratch.
@@ -276,8 +332,9 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
   if state is not None:
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
   else:
-    state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer),
-                    out_shardings=state_sharding)()
+    state = jax.jit(
+      functools.partial(experiment.init_state, model_fn, optimizer), out_shardings=state_sharding
+    )()
     if config.init_from:
       state = _load_init_from(config, state, train_graphdef, optimizer, state_sharding)
 
@@ -286,11 +343,30 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
   stop = distributed.StopSignals(mesh)  # SIGTERM/SIGINT: checkpoint, then exit
   stop.install()
   try:
-    state = _train_loop(run, state, train_iter, ckpt, writer, val_src, stop=stop,
-                        num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-                        eval_every=eval_every)
-    results = _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer,
-                      dropped=dropped, train_iter=train_iter)
+    state = _train_loop(
+      run,
+      state,
+      train_iter,
+      ckpt,
+      writer,
+      val_src,
+      stop=stop,
+      num_steps=num_steps,
+      steps_per_epoch=steps_per_epoch,
+      eval_every=eval_every,
+    )
+    results = _finish(
+      run,
+      state,
+      abstract_state,
+      ckpt,
+      test_src,
+      val_src,
+      workdir,
+      writer,
+      dropped=dropped,
+      train_iter=train_iter,
+    )
   finally:
     stop.restore()
     writer.close()
@@ -298,8 +374,9 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
   return results
 
 
-def _train_loop(run, state, train_iter, ckpt, writer, val_src, *, stop, num_steps,
-                steps_per_epoch, eval_every):
+def _train_loop(
+  run, state, train_iter, ckpt, writer, val_src, *, stop, num_steps, steps_per_epoch, eval_every
+):
   """Steps from the state's step to num_steps, logging, evaluating and checkpointing."""
   config = run.config
   step = int(state['step'])
@@ -333,8 +410,9 @@ def _train_loop(run, state, train_iter, ckpt, writer, val_src, *, stop, num_step
         line['train/first_step_seconds'], first_step_s = first_step_s, None
       line['train/epoch'] = step / steps_per_epoch
       writer.write(step, line)
-      bar.set_postfix(loss=f'{line["train/loss"]:.4f}',
-                      img_s=f'{line.get("train/images_per_sec", 0):.0f}')
+      bar.set_postfix(
+        loss=f'{line["train/loss"]:.4f}', img_s=f'{line.get("train/images_per_sec", 0):.0f}'
+      )
       window_start, window_images = time.perf_counter(), 0
     if step % eval_every == 0 or step == num_steps:
       state = _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step)
@@ -346,8 +424,11 @@ def _train_loop(run, state, train_iter, ckpt, writer, val_src, *, stop, num_step
       ckpt.save_latest(step, state, train_iter)
       ckpt.wait()
       if writer.enabled:
-        logging.warning('%s: saved the checkpoint of step %d and stopped; the same command '
-                        'resumes from it.', signal.Signals(signum).name, step)
+        logging.warning(
+          '%s: saved the checkpoint of step %d and stopped; the same command resumes from it.',
+          signal.Signals(signum).name,
+          step,
+        )
       raise SystemExit(128 + signum)
     if bar.n >= bar.total and step < num_steps:
       bar.close()
@@ -363,29 +444,44 @@ def _epoch_bar(step: int, num_steps: int, steps_per_epoch: int, *, enabled: bool
   epoch = step // steps_per_epoch
   start = epoch * steps_per_epoch
   total = min(start + steps_per_epoch, num_steps) - start
-  return tqdm.tqdm(total=total, initial=step - start, disable=not enabled, dynamic_ncols=True,
-                   desc=f'epoch {epoch + 1}/{math.ceil(num_steps / steps_per_epoch)}')
+  return tqdm.tqdm(
+    total=total,
+    initial=step - start,
+    disable=not enabled,
+    dynamic_ncols=True,
+    desc=f'epoch {epoch + 1}/{math.ceil(num_steps / steps_per_epoch)}',
+  )
 
 
 def _evaluate_and_select(run, state, val_src, ckpt, train_iter, writer, step):
   """Evaluate on the selection split, log, and checkpoint (latest; best when it improves)."""
   if val_src is not None:
     reports = run.evaluate(state, val_src, desc=f'eval@{step}')
-    writer.write(step, {f'eval/{name}/{k}': v for name, r in reports.items()
-                        for k, v in evaluate_lib.scalars(r).items()})
+    writer.write(
+      step,
+      {
+        f'eval/{name}/{k}': v
+        for name, r in reports.items()
+        for k, v in evaluate_lib.scalars(r).items()
+      },
+    )
     ema_won = reports['ema']['mAP'] >= reports['model']['mAP']
     val_map = max(reports['model']['mAP'], reports['ema']['mAP'])
     if val_map > float(state['best_val_map']):
       replicated = NamedSharding(run.mesh, P())
-      state = dict(state, best_val_map=jax.device_put(np.float32(val_map), replicated),
-                   best_is_ema=jax.device_put(np.int32(ema_won), replicated))
+      state = dict(
+        state,
+        best_val_map=jax.device_put(np.float32(val_map), replicated),
+        best_is_ema=jax.device_put(np.int32(ema_won), replicated),
+      )
       ckpt.save_best(step, state, train_iter, val_map)
   ckpt.save_latest(step, state, train_iter)
   return state
 
 
-def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer, *, dropped,
-            train_iter):
+def _finish(
+  run, state, abstract_state, ckpt, test_src, val_src, workdir, writer, *, dropped, train_iter
+):
   """Test evaluation of the selected checkpoint, results.json and export/.
 
   Model selection uses the selection split only: the best checkpoint by its mAP, and model or
@@ -407,25 +503,34 @@ def _finish(run, state, abstract_state, ckpt, test_src, val_src, workdir, writer
   else:
     chosen = 'ema' if int(selected['best_is_ema']) else 'model'
   reports = run.evaluate(selected, test_src, desc='test')
-  writer.write(int(state['step']), {f'test/{name}/{k}': v for name, r in reports.items()
-                                    for k, v in evaluate_lib.scalars(r).items()})
-  results = {'best_step': int(best_step),
-             'eval_split': config.dataset.val_split or config.dataset.test_split,
-             'test_split': config.dataset.test_split,
-             'exported_weights': chosen,
-             'skipped_steps': int(state['skipped']),
-             'skipped_unreadable': _skipped_unreadable(dropped, train_iter, val_src, test_src),
-             'test': reports}
+  writer.write(
+    int(state['step']),
+    {
+      f'test/{name}/{k}': v
+      for name, r in reports.items()
+      for k, v in evaluate_lib.scalars(r).items()
+    },
+  )
+  results = {
+    'best_step': int(best_step),
+    'eval_split': config.dataset.val_split or config.dataset.test_split,
+    'test_split': config.dataset.test_split,
+    'exported_weights': chosen,
+    'skipped_steps': int(state['skipped']),
+    'skipped_unreadable': _skipped_unreadable(dropped, train_iter, val_src, test_src),
+    'test': reports,
+  }
   prefix = 'ema_' if chosen == 'ema' else ''
-  weights = {'params': selected[prefix + 'params'],
-             'batch_stats': selected[prefix + 'batch_stats']}
-  export_lib.write_export(os.path.join(workdir, 'export'), weights, experiment.export_info(
-      config, run.class_names, weights=chosen, step=best_step))
+  weights = {'params': selected[prefix + 'params'], 'batch_stats': selected[prefix + 'batch_stats']}
+  export_lib.write_export(
+    os.path.join(workdir, 'export'),
+    weights,
+    experiment.export_info(config, run.class_names, weights=chosen, step=best_step),
+  )
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=1)
-    print(evaluate_lib.format_table(reports, f'{config.dataset.test_split} results'),
-          flush=True)
+    print(evaluate_lib.format_table(reports, f'{config.dataset.test_split} results'), flush=True)
   return results
 
 
@@ -457,6 +562,12 @@ def _load_init_from(config, state, graphdef, optimizer, state_sharding):
   info = _pretrained(config, model)
   logging.info('Initialised from %s (%s).', config.init_from, info.get('variant'))
   params, batch_stats = nnx.state(model, nnx.Param, nnx.BatchStat)
-  loaded = dict(state, params=params, batch_stats=batch_stats, ema_params=params,
-                ema_batch_stats=batch_stats, opt_state=jax.jit(optimizer.init)(params))
+  loaded = dict(
+    state,
+    params=params,
+    batch_stats=batch_stats,
+    ema_params=params,
+    ema_batch_stats=batch_stats,
+    opt_state=jax.jit(optimizer.init)(params),
+  )
   return jax.device_put(loaded, state_sharding)

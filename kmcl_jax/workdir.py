@@ -25,20 +25,33 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
 import ml_collections
+from absl import logging
 
 CONFIG_FILE = 'config.json'
 CHANGES_FILE = 'config_changes.jsonl'
 LOCK_FILE = 'run.lock'
 
 # No effect on the numbers a run produces: change freely (still recorded).
-OPERATIONAL = ('dataset.worker_count', 'log_every_steps', 'checkpoint_every_steps',
-               'eval_batch_size', 'compilation_cache_dir')
+OPERATIONAL = (
+  'dataset.worker_count',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'eval_batch_size',
+  'compilation_cache_dir',
+)
 # Change what the run does from now on, not what it did: allowed with allow_change=True.
-DELIBERATE = ('num_epochs', 'num_train_steps', 'eval_every_epochs', 'dataset.root',
-              'dataset.skip_unreadable', 'eval.threshold', 'eval.top_k', 'eval.with_auc',
-              'export_weights')
+DELIBERATE = (
+  'num_epochs',
+  'num_train_steps',
+  'eval_every_epochs',
+  'dataset.root',
+  'dataset.skip_unreadable',
+  'eval.threshold',
+  'eval.top_k',
+  'eval.with_auc',
+  'export_weights',
+)
 
 
 class WorkdirError(RuntimeError):
@@ -67,8 +80,7 @@ def check_usable(workdir: str) -> None:
   path = os.path.abspath(workdir)
   if os.path.exists(path):
     if not os.path.isdir(path):
-      raise WorkdirError(f'workdir {workdir} is a file, not a directory: pass another '
-                         '--workdir.')
+      raise WorkdirError(f'workdir {workdir} is a file, not a directory: pass another --workdir.')
     if not os.access(path, os.W_OK | os.X_OK):
       raise WorkdirError(f'workdir {workdir} is not writable by this user.')
     return
@@ -76,8 +88,9 @@ def check_usable(workdir: str) -> None:
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise WorkdirError(f'workdir {workdir} cannot be created: {parent} is not a writable '
-                       'directory.')
+    raise WorkdirError(
+      f'workdir {workdir} cannot be created: {parent} is not a writable directory.'
+    )
 
 
 def recorded_config(workdir: str) -> dict[str, Any] | None:
@@ -95,21 +108,28 @@ def recorded_config(workdir: str) -> dict[str, Any] | None:
           if line.strip():
             recorded.update({k: new for k, (_, new) in json.loads(line)['changes'].items()})
   except (ValueError, KeyError, TypeError) as e:
-    raise WorkdirError(f'{path} (or {CHANGES_FILE} beside it) is damaged ({e}); the workdir '
-                       'no longer says what made its checkpoints: use a new --workdir.') from e
+    raise WorkdirError(
+      f'{path} (or {CHANGES_FILE} beside it) is damaged ({e}); the workdir '
+      'no longer says what made its checkpoints: use a new --workdir.'
+    ) from e
   return recorded
 
 
-def differences(recorded: Mapping[str, Any], config: Mapping[str, Any]
-                ) -> dict[str, tuple[Any, Any]]:
+def differences(
+  recorded: Mapping[str, Any], config: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
   """{name: (recorded value, new value)} of every flattened setting that differs."""
   missing = object()
-  return {k: (recorded.get(k), config.get(k)) for k in sorted(set(recorded) | set(config))
-          if recorded.get(k, missing) != config.get(k, missing)}
+  return {
+    k: (recorded.get(k), config.get(k))
+    for k in sorted(set(recorded) | set(config))
+    if recorded.get(k, missing) != config.get(k, missing)
+  }
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict, *, allow_change: bool
-                 ) -> dict[str, tuple[Any, Any]]:
+def check_config(
+  workdir: str, config: ml_collections.ConfigDict, *, allow_change: bool
+) -> dict[str, tuple[Any, Any]]:
   """Compares `config` with the workdir's record; returns the accepted changes, or raises.
 
   Reads only: nothing is written (see `record_config`).
@@ -117,8 +137,10 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
   recorded = recorded_config(workdir)
   if recorded is None:
     if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-      raise WorkdirError(f'workdir {workdir} has checkpoints but no {CONFIG_FILE}, so nothing '
-                         'says what made them: use a new --workdir.')
+      raise WorkdirError(
+        f'workdir {workdir} has checkpoints but no {CONFIG_FILE}, so nothing '
+        'says what made them: use a new --workdir.'
+      )
     return {}
   diff = differences(recorded, flatten(_as_json(config)))
   fixed = {k: v for k, v in diff.items() if k not in OPERATIONAL + DELIBERATE}
@@ -129,19 +151,22 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
 
   if fixed:
     raise WorkdirError(
-        f'workdir {workdir} was made with other settings, which its checkpoints depend on: '
-        f'{listing(fixed)}. Use a new --workdir for these settings (or rerun with the '
-        f'recorded ones, see {os.path.join(workdir, CONFIG_FILE)}).')
+      f'workdir {workdir} was made with other settings, which its checkpoints depend on: '
+      f'{listing(fixed)}. Use a new --workdir for these settings (or rerun with the '
+      f'recorded ones, see {os.path.join(workdir, CONFIG_FILE)}).'
+    )
   if deliberate and not allow_change:
     raise WorkdirError(
-        f'workdir {workdir} was made with other settings: {listing(deliberate)}. To continue '
-        'this run with them, rerun with --allow_config_change (the change is recorded in '
-        f'{CHANGES_FILE}); otherwise use a new --workdir.')
+      f'workdir {workdir} was made with other settings: {listing(deliberate)}. To continue '
+      'this run with them, rerun with --allow_config_change (the change is recorded in '
+      f'{CHANGES_FILE}); otherwise use a new --workdir.'
+    )
   return diff
 
 
-def record_config(workdir: str, config: ml_collections.ConfigDict,
-                  changes: Mapping[str, tuple[Any, Any]]) -> None:
+def record_config(
+  workdir: str, config: ml_collections.ConfigDict, changes: Mapping[str, tuple[Any, Any]]
+) -> None:
   """Writes config.json on creation, or appends the accepted `changes` to the change log."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
@@ -153,8 +178,9 @@ def record_config(workdir: str, config: ml_collections.ConfigDict,
     line = {'time': _now(), 'changes': {k: list(v) for k, v in changes.items()}}
     with open(os.path.join(workdir, CHANGES_FILE), 'a') as f:
       f.write(json.dumps(line) + '\n')
-    logging.warning('Settings changed for this run (recorded in %s): %s', CHANGES_FILE,
-                    ', '.join(changes))
+    logging.warning(
+      'Settings changed for this run (recorded in %s): %s', CHANGES_FILE, ', '.join(changes)
+    )
 
 
 def _now() -> str:
@@ -197,12 +223,16 @@ class Lock:
           holder = _read_lock(path)
           if holder and (holder.get('host') != me['host'] or _alive(int(holder['pid']))):
             raise WorkdirError(
-                f'workdir {workdir} is in use by process {holder.get("pid")} on host '
-                f'{holder.get("host")} (started {holder.get("started")}). Wait for it to end '
-                f'or use another --workdir; if that process is gone, delete {path}.') from None
+              f'workdir {workdir} is in use by process {holder.get("pid")} on host '
+              f'{holder.get("host")} (started {holder.get("started")}). Wait for it to end '
+              f'or use another --workdir; if that process is gone, delete {path}.'
+            ) from None
           if holder:
-            logging.warning('Removing the stale lock %s of process %s on this host (no longer '
-                            'running).', path, holder['pid'])
+            logging.warning(
+              'Removing the stale lock %s of process %s on this host (no longer running).',
+              path,
+              holder['pid'],
+            )
           try:
             os.remove(path)
           except FileNotFoundError:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from absl import logging
-
 
 # The terminal log shows these; metrics.jsonl and TensorBoard get everything.
 _LOGGED = ('/loss', '/mAP', '/mAUC', '/learning_rate', '/images_per_sec', '/skipped_steps')
@@ -33,12 +33,16 @@ def truncate_metrics(path: str, start_step: int) -> None:
       line = json.loads(text)
     except ValueError:
       continue  # a line cut short by a kill
-    if line['step'] < start_step or (line['step'] == start_step and
-                                     not any(k.startswith('test/') for k in line)):
+    if line['step'] < start_step or (
+      line['step'] == start_step and not any(k.startswith('test/') for k in line)
+    ):
       keep.append(text)
   if len(keep) != len(lines):
-    logging.info('metrics.jsonl: dropping %d lines written after step %d (resumed run).',
-                 len(lines) - len(keep), start_step)
+    logging.info(
+      'metrics.jsonl: dropping %d lines written after step %d (resumed run).',
+      len(lines) - len(keep),
+      start_step,
+    )
     with open(path + '.tmp', 'w') as f:
       f.writelines(keep)
     os.replace(path + '.tmp', path)
@@ -65,8 +69,9 @@ class MetricWriter:
     import tensorboardX  # pylint: disable=g-import-not-at-top
 
     # purge_step: TensorBoard hides the killed run's events past the resumed step, likewise.
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                                          purge_step=start_step + 1 if start_step else None)
+    self._tb = tensorboardX.SummaryWriter(
+      os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1 if start_step else None
+    )
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -78,8 +83,9 @@ class MetricWriter:
       if name != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
-    shown = ', '.join(f'{k}={v:.4g}' for k, v in line.items()
-                      if isinstance(v, float) and k.endswith(_LOGGED))
+    shown = ', '.join(
+      f'{k}={v:.4g}' for k, v in line.items() if isinstance(v, float) and k.endswith(_LOGGED)
+    )
     logging.info('step %d: %s', step, shown)
 
   def close(self) -> None:

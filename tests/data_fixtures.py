@@ -16,12 +16,44 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
-CXR_CLASSES = ('Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
-               'Pneumonia', 'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis',
-               'Pleural_Thickening', 'Hernia')
+VOC_CLASSES = (
+  'aeroplane',
+  'bicycle',
+  'bird',
+  'boat',
+  'bottle',
+  'bus',
+  'car',
+  'cat',
+  'chair',
+  'cow',
+  'diningtable',
+  'dog',
+  'horse',
+  'motorbike',
+  'person',
+  'pottedplant',
+  'sheep',
+  'sofa',
+  'train',
+  'tvmonitor',
+)
+CXR_CLASSES = (
+  'Atelectasis',
+  'Cardiomegaly',
+  'Effusion',
+  'Infiltration',
+  'Mass',
+  'Nodule',
+  'Pneumonia',
+  'Pneumothorax',
+  'Consolidation',
+  'Edema',
+  'Emphysema',
+  'Fibrosis',
+  'Pleural_Thickening',
+  'Hernia',
+)
 ADP_L1 = ('E', 'C', 'H', 'S', 'A', 'M', 'N', 'G', 'T')
 
 
@@ -66,8 +98,10 @@ def make_voc(root: str, *, n_trainval: int = 7, n_test: int = 5, seed: int = 0) 
   main = os.path.join(base, 'ImageSets', 'Main')
   os.makedirs(main, exist_ok=True)
   expected = {}
-  splits = {'trainval': [f'{i:06d}' for i in range(1, n_trainval + 1)],
-            'test': [f'{i:06d}' for i in range(101, 101 + n_test)]}
+  splits = {
+    'trainval': [f'{i:06d}' for i in range(1, n_trainval + 1)],
+    'test': [f'{i:06d}' for i in range(101, 101 + n_test)],
+  }
   for split, ids in splits.items():
     values = rng.choice([1, -1, -1, -1, 0], size=(len(ids), 20))
     values[0, :] = -1
@@ -89,24 +123,38 @@ def make_voc(root: str, *, n_trainval: int = 7, n_test: int = 5, seed: int = 0) 
 
 def make_coco(root: str) -> dict:
   """annotations/instances_{train,val}2014.json with gaps in category ids and empty images."""
-  categories = [{'id': cid, 'name': f'cat{cid}', 'supercategory': 'x'}
-                for cid in (1, 2, 5, 11, 90)]
+  categories = [{'id': cid, 'name': f'cat{cid}', 'supercategory': 'x'} for cid in (1, 2, 5, 11, 90)]
   categories_shuffled = [categories[i] for i in (3, 0, 4, 2, 1)]  # json order is not id order
   index = {c['id']: k for k, c in enumerate(categories)}
   expected = {}
   for split, image_ids, anns in (
-      ('train', [9, 3, 25, 14, 30],
-       [(9, 5), (9, 5), (9, 90), (3, 1), (25, 11), (25, 2), (25, 1), (30, 90)]),
-      ('val', [42, 7, 8], [(42, 2), (8, 11), (8, 1)]),
+    (
+      'train',
+      [9, 3, 25, 14, 30],
+      [(9, 5), (9, 5), (9, 90), (3, 1), (25, 11), (25, 2), (25, 1), (30, 90)],
+    ),
+    ('val', [42, 7, 8], [(42, 2), (8, 11), (8, 1)]),
   ):
-    images = [{'id': i, 'file_name': f'COCO_{split}2014_{i:012d}.jpg', 'height': 30,
-               'width': 40} for i in image_ids]
-    annotations = [{'id': 1000 + n, 'image_id': i, 'category_id': c, 'iscrowd': 0,
-                    'area': 10.0, 'bbox': [0, 0, 2, 2]} for n, (i, c) in enumerate(anns)]
+    images = [
+      {'id': i, 'file_name': f'COCO_{split}2014_{i:012d}.jpg', 'height': 30, 'width': 40}
+      for i in image_ids
+    ]
+    annotations = [
+      {
+        'id': 1000 + n,
+        'image_id': i,
+        'category_id': c,
+        'iscrowd': 0,
+        'area': 10.0,
+        'bbox': [0, 0, 2, 2],
+      }
+      for n, (i, c) in enumerate(anns)
+    ]
     os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
     with open(os.path.join(root, 'annotations', f'instances_{split}2014.json'), 'w') as f:
-      json.dump({'images': images, 'annotations': annotations,
-                 'categories': categories_shuffled}, f)
+      json.dump(
+        {'images': images, 'annotations': annotations, 'categories': categories_shuffled}, f
+      )
     expected[split] = {}
     for i in image_ids:
       labels = np.zeros(len(categories), np.float32)
@@ -132,8 +180,11 @@ def make_adp(root: str, *, n_rows: int = 12, seed: int = 0) -> dict:
     writer.writerow(columns)
     for name, row in zip(names, values):
       writer.writerow([name] + [str(v) for v in row])
-  splits = {'train': np.array([0, 2, 3, 5, 7, 9, 11]), 'valid': np.array([1, 4]),
-            'test': np.array([6, 8, 10])}
+  splits = {
+    'train': np.array([0, 2, 3, 5, 7, 9, 11]),
+    'valid': np.array([1, 4]),
+    'test': np.array([6, 8, 10]),
+  }
   os.makedirs(os.path.join(root, 'splits'), exist_ok=True)
   expected = {}
   for split, rows in splits.items():
@@ -165,18 +216,33 @@ def make_chestxray14(root: str, *, n_images: int = 16, seed: int = 0) -> dict:
     write_image(os.path.join(root, folder, 'images', name), n, size=(24, 24), mode='L')
   with open(os.path.join(root, 'Data_Entry_2017.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID',
-                     'Patient Age', 'Patient Gender', 'View Position', 'OriginalImage[Width',
-                     'Height]', 'OriginalImagePixelSpacing[x', 'y]'])
+    writer.writerow(
+      [
+        'Image Index',
+        'Finding Labels',
+        'Follow-up #',
+        'Patient ID',
+        'Patient Age',
+        'Patient Gender',
+        'View Position',
+        'OriginalImage[Width',
+        'Height]',
+        'OriginalImagePixelSpacing[x',
+        'y]',
+      ]
+    )
     writer.writerows(rows)
   names = [r[0] for r in rows]
-  lists = {'train_val': names[: 3 * n_images // 4], 'test': names[3 * n_images // 4:]}
+  lists = {'train_val': names[: 3 * n_images // 4], 'test': names[3 * n_images // 4 :]}
   for split, file in (('train_val', 'train_val_list.txt'), ('test', 'test_list.txt')):
     with open(os.path.join(root, file), 'w') as f:
       f.write(''.join(f'{n}\n' for n in lists[split]))
   zeros = np.zeros(14, bool)
-  return {'lists': lists, 'patients': patients,
-          **{s: {n: (expected_labels[n], zeros) for n in lists[s]} for s in lists}}
+  return {
+    'lists': lists,
+    'patients': patients,
+    **{s: {n: (expected_labels[n], zeros) for n in lists[s]} for s in lists},
+  }
 
 
 def make_messy(path: str) -> None:
@@ -190,11 +256,15 @@ def make_messy(path: str) -> None:
 
 CSV_CLASSES = ('cat', 'dog', 'person', 'zebra')  # sorted; 'zebra' only occurs in test.csv
 CSV_ROWS = {
-    'train': [('images/001.jpg', 'dog cat'), ('images/002.jpg', 'person'),
-              ('images/003.jpg', ''), ('images/004.jpg', 'cat person dog'),
-              ('images/005.png', 'dog')],
-    'val': [('images/006.jpg', 'cat'), ('images/007.jpg', 'person dog')],
-    'test': [('images/008.jpg', 'zebra cat'), ('images/009.jpg', 'dog')],
+  'train': [
+    ('images/001.jpg', 'dog cat'),
+    ('images/002.jpg', 'person'),
+    ('images/003.jpg', ''),
+    ('images/004.jpg', 'cat person dog'),
+    ('images/005.png', 'dog'),
+  ],
+  'val': [('images/006.jpg', 'cat'), ('images/007.jpg', 'person dog')],
+  'test': [('images/008.jpg', 'zebra cat'), ('images/009.jpg', 'dog')],
 }
 
 
@@ -209,8 +279,9 @@ def make_csv(root: str, *, columns: Sequence[str] | None = None) -> dict:
       writer.writerow(['image', *columns] if columns else ['image', 'labels'])
       for image, names in rows:
         present = names.split()
-        writer.writerow([image, *(int(c in present) for c in columns)] if columns else
-                        [image, names])
+        writer.writerow(
+          [image, *(int(c in present) for c in columns)] if columns else [image, names]
+        )
         order = columns or CSV_CLASSES
         labels = np.array([c in present for c in order], np.float32)
         expected[split][image] = (labels, np.zeros(len(order), bool))

@@ -11,9 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from kmcl_jax import analyze
-from kmcl_jax import export as export_lib
-from kmcl_jax import train
+from kmcl_jax import analyze, export as export_lib, train
 from kmcl_jax.models.kmm import KernelMixtureModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +27,19 @@ def smoke_run(tmp_path_factory):
 
 def test_command_writes_every_figure(smoke_run):
   result = subprocess.run(
-      [sys.executable, '-m', 'kmcl_jax.analyze', f'--workdir={smoke_run}', '--num_examples=40',
-       '--num_gradcam=2'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'kmcl_jax.analyze',
+      f'--workdir={smoke_run}',
+      '--num_examples=40',
+      '--num_gradcam=2',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   for name in analyze.FIGURES:
     path = os.path.join(smoke_run, 'figures', name)
@@ -61,17 +70,27 @@ def test_grad_cam_of_a_linear_head_is_its_class_activation_map():
   cam = cam / cam.max(axis=(1, 2), keepdims=True)
   np.testing.assert_allclose(maps, cam, atol=1e-5)
   # A score that does not depend on the features gives an all-zero map, not NaN.
-  zero = analyze.grad_cam(lambda fm: 0.0 * fm.sum(axis=(1, 2, 3))[:, None], feature_map,
-                          jnp.zeros(4, jnp.int32))
+  zero = analyze.grad_cam(
+    lambda fm: 0.0 * fm.sum(axis=(1, 2, 3))[:, None], feature_map, jnp.zeros(4, jnp.int32)
+  )
   np.testing.assert_array_equal(zero, 0.0)
 
 
-@pytest.mark.parametrize('kind,anisotropic', [
-    ('bhattacharyya', False), ('bhattacharyya', True), ('mahalanobis', False),
-    ('mahalanobis', True), ('gaussian', False), ('gaussian', True)])
+@pytest.mark.parametrize(
+  'kind,anisotropic',
+  [
+    ('bhattacharyya', False),
+    ('bhattacharyya', True),
+    ('mahalanobis', False),
+    ('mahalanobis', True),
+    ('gaussian', False),
+    ('gaussian', True),
+  ],
+)
 def test_class_log_similarity_of_every_kmm(kind, anisotropic):
-  kmm = KernelMixtureModule(12, 5, kind=kind, anisotropic=anisotropic, reduced_dim=4,
-                            rngs=nnx.Rngs(0))
+  kmm = KernelMixtureModule(
+    12, 5, kind=kind, anisotropic=anisotropic, reduced_dim=4, rngs=nnx.Rngs(0)
+  )
   head = kmm(jax.random.normal(jax.random.key(1), (6, 12)))
   sim = np.asarray(analyze.class_log_similarity(head, kind=kind))
   assert sim.shape == (5, 5)
@@ -82,5 +101,6 @@ def test_class_log_similarity_of_every_kmm(kind, anisotropic):
 
 def test_cooccurrence_is_conditional_frequency():
   labels = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])
-  np.testing.assert_allclose(analyze.cooccurrence(labels),
-                             [[1, 2 / 3, 0], [2 / 3, 1, 0], [0, 0, 0]])
+  np.testing.assert_allclose(
+    analyze.cooccurrence(labels), [[1, 2 / 3, 0], [2 / 3, 1, 0], [0, 0, 0]]
+  )

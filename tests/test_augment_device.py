@@ -30,9 +30,11 @@ def _images():
   rng = np.random.default_rng(0)
   ys, xs = np.mgrid[0:H, 0:W]
   smooth = np.stack([xs * 7 + ys * 3, 200 - ys * 6, 128 + 60 * np.sin(xs / 4)], -1)
-  return [rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
-          np.clip(smooth, 0, 255).astype(np.uint8),
-          rng.integers(40, 180, (H, W, 3), dtype=np.uint8)]
+  return [
+    rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+    np.clip(smooth, 0, 255).astype(np.uint8),
+    rng.integers(40, 180, (H, W, 3), dtype=np.uint8),
+  ]
 
 
 def _host_draws(name, seed):
@@ -55,10 +57,13 @@ def test_op_matches_pil(name):
     for magnitude in range(1, host.NUM_MAGNITUDES):
       for seed in range(3):
         negative, position = _host_draws(name, seed)
-        want = np.asarray(host.apply_op(Image.fromarray(image), name, magnitude,
-                                        np.random.default_rng(seed)), np.int32)
-        got = np.asarray(_apply(image, op, _PARAMS[op, magnitude, int(negative)], position),
-                         np.int32)
+        want = np.asarray(
+          host.apply_op(Image.fromarray(image), name, magnitude, np.random.default_rng(seed)),
+          np.int32,
+        )
+        got = np.asarray(
+          _apply(image, op, _PARAMS[op, magnitude, int(negative)], position), np.int32
+        )
         diff = np.abs(got - want).max(-1)
         differing.append((diff > 0).mean())
         above_one.append((diff > 1).mean())
@@ -78,8 +83,9 @@ def test_autocontrast_integer_formula():
   image = np.zeros((H, W, 3), np.uint8)  # the shape of the other tests: no new compile
   image[..., 0] = np.linspace(10, 200, H * W).reshape(H, W).astype(np.uint8)
   image[..., 1:] = 77
-  got = np.asarray(_apply(image, dev.OP_NAMES.index('AutoContrast'), _PARAMS[0, 0, 0],
-                          np.zeros(2, np.int32)))
+  got = np.asarray(
+    _apply(image, dev.OP_NAMES.index('AutoContrast'), _PARAMS[0, 0, 0], np.zeros(2, np.int32))
+  )
   x = image[..., 0].astype(int)
   np.testing.assert_array_equal(got[..., 0], (x - 10) * 255 // 190)
   np.testing.assert_array_equal(got[..., 1:], image[..., 1:])
@@ -101,8 +107,9 @@ def test_random_affine_matches_host():
     want = np.asarray(host.random_affine(Image.fromarray(image), np.random.default_rng(seed)))
     rng = np.random.default_rng(seed)  # the host's draws, in its order
     angle = rng.uniform(-45, 45)
-    t = np.asarray([round(rng.uniform(-0.15 * W, 0.15 * W)),
-                    round(rng.uniform(-0.15 * H, 0.15 * H))], np.float32)
+    t = np.asarray(
+      [round(rng.uniform(-0.15 * W, 0.15 * W)), round(rng.uniform(-0.15 * H, 0.15 * H))], np.float32
+    )
     got = np.asarray(affine(image, angle, t, rng.uniform(0.85, 1.15)))
     assert (got != want).any(-1).mean() <= 0.005
 
@@ -163,8 +170,10 @@ def test_same_augmentation_whatever_the_device_split():
 
   # Example i's augmentation depends on i, not on its row or on the rest of the batch.
   perm = rng.permutation(16)
-  one, shuffled = (np.asarray(single(jax.device_put(x, jax.devices()[0]), 7, i))
-                   for x, i in ((images, np.arange(16)), (images[perm], perm)))
+  one, shuffled = (
+    np.asarray(single(jax.device_put(x, jax.devices()[0]), 7, i))
+    for x, i in ((images, np.arange(16)), (images[perm], perm))
+  )
   np.testing.assert_array_equal(eight, one)
   np.testing.assert_array_equal(shuffled, one[perm])
   other_step = np.asarray(sharded(batch, jnp.int32(8)))
@@ -192,16 +201,30 @@ def test_train_step_with_device_augmentation_on_eight_devices():
   optimizer = experiment.make_optimizer(config, 10)
   abstract = nnx.eval_shape(model_fn)
   abstract.train()
-  step = jax.jit(functools.partial(
-      train.train_step, graphdef=nnx.graphdef(abstract), optimizer=optimizer,
-      loss_config=losses.LossConfig(), ema_decay=0.9, mean=(0.5,) * 3, std=(0.25,) * 3,
-      augment=dev.sharded_augment(kind='affine', seed=0, mesh=mesh)))
-  state = jax.device_put(jax.jit(functools.partial(experiment.init_state, model_fn,
-                                                   optimizer))(), NamedSharding(mesh, P()))
+  step = jax.jit(
+    functools.partial(
+      train.train_step,
+      graphdef=nnx.graphdef(abstract),
+      optimizer=optimizer,
+      loss_config=losses.LossConfig(),
+      ema_decay=0.9,
+      mean=(0.5,) * 3,
+      std=(0.25,) * 3,
+      augment=dev.sharded_augment(kind='affine', seed=0, mesh=mesh),
+    )
+  )
+  state = jax.device_put(
+    jax.jit(functools.partial(experiment.init_state, model_fn, optimizer))(),
+    NamedSharding(mesh, P()),
+  )
   rng = np.random.default_rng(0)
-  batch = jax.device_put({'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
-                          'labels': (rng.random((8, 10)) < 0.3).astype(np.float32)},
-                         NamedSharding(mesh, P('data')))
+  batch = jax.device_put(
+    {
+      'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+      'labels': (rng.random((8, 10)) < 0.3).astype(np.float32),
+    },
+    NamedSharding(mesh, P('data')),
+  )
   state, metrics = step(state, batch)
   assert np.isfinite(float(metrics['loss'])) and int(metrics['skipped_steps']) == 0
   assert int(state['step']) == 1

@@ -34,10 +34,16 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
   path = str(tmp_path / 'vs.json')
   # One CPU device (not the session's eight): the step compiles faster.
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run([sys.executable, '-m', 'kmcl_jax.benchmarks.vs_pytorch', '--smoke',
-                  f'--json={path}'], cwd=_ROOT, env=env, check=True, timeout=300,
-                 capture_output=True)
+  subprocess.run(
+    [sys.executable, '-m', 'kmcl_jax.benchmarks.vs_pytorch', '--smoke', f'--json={path}'],
+    cwd=_ROOT,
+    env=env,
+    check=True,
+    timeout=300,
+    capture_output=True,
+  )
   result = json.load(open(path))
-  assert result['ratio'] == pytest.approx(result['jax_step_s'] / result['torch_step_s'],
-                                         rel=0.02)  # from unrounded medians
+  assert result['ratio'] == pytest.approx(
+    result['jax_step_s'] / result['torch_step_s'], rel=0.02
+  )  # from unrounded medians
   assert result['jax_step_s'] > 0 and result['torch_step_s'] > 0

@@ -3,15 +3,20 @@
 import importlib
 import os
 
+import data_fixtures as fx
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-import data_fixtures as fx
 from kmcl_jax import data, experiment
 
-FIXTURES = {'voc': fx.make_voc, 'coco': fx.make_coco, 'adp': fx.make_adp,
-            'chestxray14': fx.make_chestxray14, 'custom': fx.make_csv}
+FIXTURES = {
+  'voc': fx.make_voc,
+  'coco': fx.make_coco,
+  'adp': fx.make_adp,
+  'chestxray14': fx.make_chestxray14,
+  'custom': fx.make_csv,
+}
 CONFIGS = ['voc', 'coco', 'adp', 'chestxray14', 'synthetic', 'custom']
 # Options a config sets on purpose to something other than the source's default.
 CHOSEN = {('coco', 'decode_size'): 224}  # DCT-scaled decoding at the training size
@@ -21,8 +26,10 @@ CHOSEN = {('coco', 'decode_size'): 224}  # DCT-scaled decoding at the training s
 def test_variants(name):
   module = importlib.import_module(f'configs.{name}')
   default = module.get_config()
-  assert (default.model.name, default.model.image_size) == ('tresnet_m', 224 if name !=
-                                                           'synthetic' else 64)
+  assert (default.model.name, default.model.image_size) == (
+    'tresnet_m',
+    224 if name != 'synthetic' else 64,
+  )
   assert default.loss.variant == 'paper' and default.ema_decay > 0.98
   smoke = module.get_config('smoke')
   assert smoke.num_train_steps == 3 and smoke.model.image_size == 64
@@ -61,8 +68,13 @@ def test_config_declares_exactly_the_options_its_dataset_accepts(name):
 
 
 # A command-line value other than the default, per option type (strings by option name).
-_STRINGS = {'level': 'L2', 'subset_ids': 'ids.csv', 'csv_file': 'lists/{split}.csv',
-            'classes_file': 'classes.txt', 'label_delimiter': '|'}
+_STRINGS = {
+  'level': 'L2',
+  'subset_ids': 'ids.csv',
+  'csv_file': 'lists/{split}.csv',
+  'classes_file': 'classes.txt',
+  'label_delimiter': '|',
+}
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -72,10 +84,16 @@ def test_every_option_can_be_set_on_the_command_line(name):
   wanted = {}
   for key in options:
     kind = options.get_type(key)
-    wanted[key] = (not options[key] if kind is bool else _STRINGS[key] if kind is str else
-                   kind(7 if kind is int else 0.5))
-  argv = ['main', f'--config={path}'] + [f'--config.dataset.options.{key}={value}'
-                                          for key, value in wanted.items()]
+    wanted[key] = (
+      not options[key]
+      if kind is bool
+      else _STRINGS[key]
+      if kind is str
+      else kind(7 if kind is int else 0.5)
+    )
+  argv = ['main', f'--config={path}'] + [
+    f'--config.dataset.options.{key}={value}' for key, value in wanted.items()
+  ]
   flag_values = flags.FlagValues()
   # Override flags are defined from the argv the flag is given (not pytest's sys.argv).
   config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
@@ -88,9 +106,12 @@ def test_validate_config_names_an_option_the_dataset_does_not_take(tmp_path):
   config = importlib.import_module('configs.adp').get_config()
   config.dataset.name = 'voc2007'
   config.dataset.root = str(tmp_path)
-  with pytest.raises(experiment.ConfigError, match=r"^config error: dataset\.options\.level: not "
-                     r"an option of dataset 'voc2007', which accepts decode_size, fraction, "
-                     r'keep_all_negative, subset_seed, subset_size\.$'):
+  with pytest.raises(
+    experiment.ConfigError,
+    match=r'^config error: dataset\.options\.level: not '
+    r"an option of dataset 'voc2007', which accepts decode_size, fraction, "
+    r'keep_all_negative, subset_seed, subset_size\.$',
+  ):
     experiment.validate_config(config)
 
 

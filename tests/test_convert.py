@@ -12,12 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+import timm_reference
 import torch
 import torch.nn.functional as F
 from flax import nnx
 from safetensors.numpy import save_file
 
-import timm_reference
 from kmcl_jax import convert
 from kmcl_jax.models import KMCLModel
 
@@ -83,7 +83,8 @@ def test_miil_fixture_agrees_with_timms_own_filter(reference, timm_state):
   # timm's checkpoint_filter_fn is an independent implementation of MIIL -> timm.
   timm = timm_reference.import_timm()
   filtered = timm.models.tresnet.checkpoint_filter_fn(
-      {k: torch.from_numpy(v) for k, v in _to_miil(reference, timm_state).items()}, None)
+    {k: torch.from_numpy(v) for k, v in _to_miil(reference, timm_state).items()}, None
+  )
   assert sorted(filtered) == sorted(timm_state)
   for key, value in filtered.items():
     np.testing.assert_allclose(value.numpy(), timm_state[key], rtol=1e-6, atol=1e-7)
@@ -97,15 +98,25 @@ def test_timm_round_trip_through_cli(tmp_path, reference, timm_state, images, fm
   else:
     _save_pth(src, timm_state)
   out = tmp_path / 'converted'
-  meta = convert.main(['--input', str(src), '--output', str(out), '--model', 'tresnet_m',
-                       '--source', 'timm', *TINY_ARGS])
+  meta = convert.main(
+    [
+      '--input',
+      str(src),
+      '--output',
+      str(out),
+      '--model',
+      'tresnet_m',
+      '--source',
+      'timm',
+      *TINY_ARGS,
+    ]
+  )
   sidecar = json.loads((out / convert.SIDECAR).read_text())
   assert sidecar == json.loads(json.dumps(meta))
   assert sidecar['source_format'] == 'timm' and sidecar['variant'] == 'tresnet_m'
   assert sidecar['num_classes'] == 1000 and sidecar['kmm_head'] is None
   n_bn = sum(k.endswith('num_batches_tracked') for k in timm_state)
-  assert sidecar['keys']['dropped'] == {'num_batches_tracked': n_bn,
-                                        'ImageNet classifier head': 2}
+  assert sidecar['keys']['dropped'] == {'num_batches_tracked': n_bn, 'ImageNet classifier head': 2}
   assert sidecar['keys']['encoder'] == len(timm_state) - n_bn - 2
 
   model = _kmcl_model()
@@ -122,8 +133,9 @@ def test_miil_round_trip(tmp_path, reference, timm_state, images, wrapper):
   obj = {wrapper: miil}
   if wrapper == 'model':  # ASL-style wrapper with classes
     obj.update(num_classes=1000, idx_to_class={i: f'class{i}' for i in range(1000)})
-  torch.save({k: (jax.tree.map(torch.from_numpy, v) if k == wrapper else v)
-              for k, v in obj.items()}, src)
+  torch.save(
+    {k: (jax.tree.map(torch.from_numpy, v) if k == wrapper else v) for k, v in obj.items()}, src
+  )
   encoder = convert.encoder_from_torch(src, 'tresnet_m', source='miil', **TINY)
   expected = timm_reference.pooled_features(reference, images, train=False)
   _assert_close(_forward(encoder, images), expected)
@@ -140,8 +152,11 @@ def _kmcl_state(reference, timm_state, *, classes, anisotropic, kind, seed):
   width = d if anisotropic else f
   per_dim = width if anisotropic else 1
   var_out = {'bhattacharyya': classes * per_dim, 'mahalanobis': width, 'gaussian': 1}[kind]
-  state = {'encoder.' + k: v for k, v in _to_miil(reference, timm_state, seed=seed).items()
-           if not k.startswith('head.')}
+  state = {
+    'encoder.' + k: v
+    for k, v in _to_miil(reference, timm_state, seed=seed).items()
+    if not k.startswith('head.')
+  }
   state['encoder.head.fc.weight'] = rng.normal(size=(classes, f)).astype(np.float32)
   state['encoder.head.fc.bias'] = rng.normal(size=(classes,)).astype(np.float32)
   if anisotropic:
@@ -171,30 +186,50 @@ def _kmcl_torch_reference(state, pooled, *, classes, anisotropic, kind):
       var = var[:, None, :]
   elif kind == 'mahalanobis':
     var = var[:, None, :]
-  return {'features': feat.numpy(), 'pi_logits': pi.numpy(), 'mu': mu.numpy(),
-          'var': var.numpy()}
+  return {'features': feat.numpy(), 'pi_logits': pi.numpy(), 'mu': mu.numpy(), 'var': var.numpy()}
 
 
-@pytest.mark.parametrize('anisotropic,kind,prefix', [
-    (True, 'bhattacharyya', 'module.'), (False, 'mahalanobis', ''), (True, 'gaussian', '')])
-def test_kmcl_round_trip_with_head(tmp_path, reference, timm_state, images, anisotropic, kind,
-                                   prefix):
+@pytest.mark.parametrize(
+  'anisotropic,kind,prefix',
+  [(True, 'bhattacharyya', 'module.'), (False, 'mahalanobis', ''), (True, 'gaussian', '')],
+)
+def test_kmcl_round_trip_with_head(
+  tmp_path, reference, timm_state, images, anisotropic, kind, prefix
+):
   classes = 9
-  state = _kmcl_state(reference, timm_state, classes=classes, anisotropic=anisotropic, kind=kind,
-                      seed=2)
+  state = _kmcl_state(
+    reference, timm_state, classes=classes, anisotropic=anisotropic, kind=kind, seed=2
+  )
   src = tmp_path / 'kmcl.pth'
   _save_pth(src, {prefix + k: v for k, v in state.items()})
   out = tmp_path / 'converted'
-  convert.main(['--input', str(src), '--output', str(out), '--model', 'tresnet_m',
-                '--source', 'kmcl', *TINY_ARGS])
+  convert.main(
+    [
+      '--input',
+      str(src),
+      '--output',
+      str(out),
+      '--model',
+      'tresnet_m',
+      '--source',
+      'kmcl',
+      *TINY_ARGS,
+    ]
+  )
   model = _kmcl_model(num_classes=classes, anisotropic=anisotropic, kind=kind, reduced_dim=8)
   meta = convert.load_pretrained(model, out, load_head=True)
-  assert meta['kmm_head'] == dict(num_classes=classes, kind=kind, anisotropic=anisotropic,
-                                  reduced_dim=8 if anisotropic else None, asl_only=False)
+  assert meta['kmm_head'] == dict(
+    num_classes=classes,
+    kind=kind,
+    anisotropic=anisotropic,
+    reduced_dim=8 if anisotropic else None,
+    asl_only=False,
+  )
   assert meta['keys']['dropped']['ImageNet classifier head'] == 2
   pooled = timm_reference.pooled_features(reference, images, train=False)
-  expected = _kmcl_torch_reference(state, pooled, classes=classes, anisotropic=anisotropic,
-                                   kind=kind)
+  expected = _kmcl_torch_reference(
+    state, pooled, classes=classes, anisotropic=anisotropic, kind=kind
+  )
   got = _forward(model, images)
   assert sorted(got) == sorted(expected)
   for key in expected:
@@ -204,15 +239,33 @@ def test_kmcl_round_trip_with_head(tmp_path, reference, timm_state, images, anis
 def test_cli_subprocess_and_error_exit(tmp_path, timm_state):
   src = tmp_path / 'model.safetensors'
   save_file(timm_state, str(src))
-  base = [sys.executable, '-m', 'kmcl_jax.convert', '--input', str(src), '--model', 'tresnet_m',
-          *TINY_ARGS]
+  base = [
+    sys.executable,
+    '-m',
+    'kmcl_jax.convert',
+    '--input',
+    str(src),
+    '--model',
+    'tresnet_m',
+    *TINY_ARGS,
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  ok = subprocess.run(base + ['--output', str(tmp_path / 'a'), '--source', 'timm'],
-                      capture_output=True, text=True, env=env, check=False)
+  ok = subprocess.run(
+    base + ['--output', str(tmp_path / 'a'), '--source', 'timm'],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
   assert ok.returncode == 0, ok.stderr
   assert (tmp_path / 'a' / convert.SIDECAR).is_file()
-  bad = subprocess.run(base + ['--output', str(tmp_path / 'b'), '--source', 'miil'],
-                       capture_output=True, text=True, env=env, check=False)
+  bad = subprocess.run(
+    base + ['--output', str(tmp_path / 'b'), '--source', 'miil'],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
   assert bad.returncode == 1
   assert "not a 'miil' TResNet checkpoint: it looks like a timm" in bad.stderr
 
@@ -231,8 +284,10 @@ def test_missing_file(tmp_path):
 
 def test_corrupted_files(tmp_path):
   garbage = np.random.default_rng(0).bytes(4096)
-  for name, match in (('bad.safetensors', 'not a readable safetensors file'),
-                      ('bad.pth', r'torch.load\(weights_only=True\)')):
+  for name, match in (
+    ('bad.safetensors', 'not a readable safetensors file'),
+    ('bad.pth', r'torch.load\(weights_only=True\)'),
+  ):
     (tmp_path / name).write_bytes(garbage)
     with pytest.raises(ValueError, match=match) as error:
       _encoder(tmp_path / name)
@@ -270,7 +325,7 @@ def test_missing_unexpected_and_misshapen_keys(tmp_path, timm_state):
 
 def test_wrong_source_format(tmp_path, reference, timm_state):
   save_file(timm_state, str(tmp_path / 't.safetensors'))
-  with pytest.raises(ValueError, match="looks like a timm"):
+  with pytest.raises(ValueError, match='looks like a timm'):
     _encoder(tmp_path / 't.safetensors', source='miil')
   _save_pth(tmp_path / 'm.pth', {'model': _to_miil(reference, timm_state)})
   with pytest.raises(ValueError, match="not a 'timm' TResNet checkpoint: it looks like a miil"):
@@ -289,15 +344,17 @@ def test_output_directory_not_overwritten(tmp_path, timm_state):
   (tmp_path / 'out').mkdir()
   (tmp_path / 'out' / 'keep.txt').write_text('x')
   with pytest.raises(FileExistsError, match='--overwrite'):
-    convert.convert(tmp_path / 't.safetensors', tmp_path / 'out', 'tresnet_m', source='timm',
-                    **TINY)
+    convert.convert(
+      tmp_path / 't.safetensors', tmp_path / 'out', 'tresnet_m', source='timm', **TINY
+    )
 
 
 @pytest.fixture(scope='module')
 def converted_kmcl(tmp_path_factory, reference, timm_state):
   tmp = tmp_path_factory.mktemp('kmcl')
-  state = _kmcl_state(reference, timm_state, classes=9, anisotropic=False, kind='bhattacharyya',
-                      seed=3)
+  state = _kmcl_state(
+    reference, timm_state, classes=9, anisotropic=False, kind='bhattacharyya', seed=3
+  )
   save_file(state, str(tmp / 'kmcl.safetensors'))
   convert.convert(tmp / 'kmcl.safetensors', tmp / 'out', 'tresnet_m', source='kmcl', **TINY)
   return tmp / 'out', state
@@ -316,19 +373,26 @@ def test_load_pretrained_without_head_ignores_it(converted_kmcl, reference, imag
 
 def test_load_pretrained_failures(converted_kmcl, tmp_path, timm_state):
   path, _ = converted_kmcl
-  with pytest.raises(convert.CheckpointMismatchError,
-                     match=r'pi\.kernel: checkpoint \(512, 9\) vs model \(512, 4\)'):
+  with pytest.raises(
+    convert.CheckpointMismatchError, match=r'pi\.kernel: checkpoint \(512, 9\) vs model \(512, 4\)'
+  ):
     convert.load_pretrained(_kmcl_model(num_classes=4), path, load_head=True)
-  with pytest.raises(convert.CheckpointMismatchError,
-                     match=r'unexpected keys \(\d+\): \[layer2\.1'):
-    convert.load_pretrained(KMCLModel('tresnet_m', 9, rngs=nnx.Rngs(0), layers=(1, 1, 1, 1),
-                                      width_factor=0.25), path, load_head=False)
+  with pytest.raises(
+    convert.CheckpointMismatchError, match=r'unexpected keys \(\d+\): \[layer2\.1'
+  ):
+    convert.load_pretrained(
+      KMCLModel('tresnet_m', 9, rngs=nnx.Rngs(0), layers=(1, 1, 1, 1), width_factor=0.25),
+      path,
+      load_head=False,
+    )
   with pytest.raises(convert.CheckpointMismatchError, match='shape mismatches'):
-    convert.load_pretrained(KMCLModel('tresnet_m', 9, rngs=nnx.Rngs(0), layers=(1, 2, 1, 1),
-                                      width_factor=0.5), path, load_head=False)
+    convert.load_pretrained(
+      KMCLModel('tresnet_m', 9, rngs=nnx.Rngs(0), layers=(1, 2, 1, 1), width_factor=0.5),
+      path,
+      load_head=False,
+    )
   save_file(timm_state, str(tmp_path / 't.safetensors'))
-  convert.convert(tmp_path / 't.safetensors', tmp_path / 'timm', 'tresnet_m', source='timm',
-                  **TINY)
+  convert.convert(tmp_path / 't.safetensors', tmp_path / 'timm', 'tresnet_m', source='timm', **TINY)
   with pytest.raises(convert.CheckpointMismatchError, match='has no KMM head'):
     convert.load_pretrained(_kmcl_model(num_classes=9), tmp_path / 'timm', load_head=True)
   with pytest.raises(FileNotFoundError, match=convert.SIDECAR):

@@ -35,8 +35,9 @@ def test_train_augment_deterministic_given_rng():
 def test_none_is_bilinear_resize_only():
   image = _image(50)
   out = aug.train_augment(image, np.random.default_rng(0), size=20, augment='none')
-  np.testing.assert_array_equal(out, np.asarray(Image.fromarray(image).resize((20, 20),
-                                                                              Image.BILINEAR)))
+  np.testing.assert_array_equal(
+    out, np.asarray(Image.fromarray(image).resize((20, 20), Image.BILINEAR))
+  )
 
 
 def test_cutout_pil_geometry():
@@ -51,7 +52,7 @@ def test_cutout_pil_geometry():
     y1, y2 = max(yc - 10, 0), min(yc + 10, 40)
     x1, x2 = max(xc - 10, 0), min(xc + 10, 40)
     expect = np.zeros_like(base)
-    expect[y1:y2 + 1, x1:x2 + 1] = colour
+    expect[y1 : y2 + 1, x1 : x2 + 1] = colour
     np.testing.assert_array_equal(out, expect)
     if (colour > 0).any():
       assert changed[:, 0].max() - changed[:, 0].min() <= 20
@@ -63,18 +64,26 @@ def test_pixel_ops_match_numpy():
   rng = np.random.default_rng(0)
   np.testing.assert_array_equal(np.asarray(aug.apply_op(img, 'Invert', 5, rng)), 255 - x)
   threshold = np.linspace(256, 0, 10)[6]
-  np.testing.assert_array_equal(np.asarray(aug.apply_op(img, 'Solarize', 6, rng)),
-                                np.where(x >= threshold, 255 - x, x))
+  np.testing.assert_array_equal(
+    np.asarray(aug.apply_op(img, 'Solarize', 6, rng)), np.where(x >= threshold, 255 - x, x)
+  )
   bits = int(np.round(np.linspace(8, 4, 10))[9])
   assert bits == 4
-  np.testing.assert_array_equal(np.asarray(aug.apply_op(img, 'Posterize', 9, rng)),
-                                x & np.uint8((0xFF << (8 - bits)) & 0xFF))
+  np.testing.assert_array_equal(
+    np.asarray(aug.apply_op(img, 'Posterize', 9, rng)), x & np.uint8((0xFF << (8 - bits)) & 0xFF)
+  )
 
 
 def test_brightness_sign_and_magnitude():
   x = np.full((8, 8, 3), 100, np.uint8)
-  outs = {int(np.asarray(aug.apply_op(Image.fromarray(x), 'Brightness', 9,
-                                      np.random.default_rng(s)))[0, 0, 0]) for s in range(30)}
+  outs = {
+    int(
+      np.asarray(aug.apply_op(Image.fromarray(x), 'Brightness', 9, np.random.default_rng(s)))[
+        0, 0, 0
+      ]
+    )
+    for s in range(30)
+  }
   assert outs == {10, 190}  # 100 * (1 -+ 0.9)
 
 
@@ -112,8 +121,9 @@ def _affine_reference(x, angle, t, s):
   return out
 
 
-@pytest.mark.parametrize('angle,t,s', [(30.0, (3.0, -2.0), 1.1), (-45.0, (0.0, 4.0), 0.85),
-                                       (90.0, (0.0, 0.0), 1.0)])
+@pytest.mark.parametrize(
+  'angle,t,s', [(30.0, (3.0, -2.0), 1.1), (-45.0, (0.0, 4.0), 0.85), (90.0, (0.0, 0.0), 1.0)]
+)
 def test_affine_matches_reference(angle, t, s):
   x = _image(24)
   out = np.asarray(aug.affine(Image.fromarray(x), angle=angle, translate=t, scale=s))

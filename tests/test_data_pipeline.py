@@ -2,10 +2,10 @@
 
 import os
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 
-import data_fixtures as fx
 from kmcl_jax.data import UnreadableImageError, get_source, pipeline
 
 
@@ -74,9 +74,10 @@ def test_same_seed_same_batches_with_augmentation():
 
 def test_shards_disjoint_and_cover_each_epoch():
   src = _Tagged(24)
-  per_shard = [np.concatenate([_index(next(_train(src, shard_index=s, shard_count=3,
-                                                  batch_size=8)))])
-               for s in range(3)]
+  per_shard = [
+    np.concatenate([_index(next(_train(src, shard_index=s, shard_count=3, batch_size=8)))])
+    for s in range(3)
+  ]
   assert all(len(p) == 8 for p in per_shard)
   union = np.concatenate(per_shard)
   assert sorted(union) == list(range(24))  # disjoint and covering the first epoch
@@ -117,6 +118,7 @@ def test_workers_survive_ctrl_c():
   """Ctrl-C reaches grain's workers too; they ignore it and the trainer decides when to stop."""
   import multiprocessing
   import signal
+
   it = _train(_Tagged(40), worker_count=1)
   next(it)
   workers = multiprocessing.active_children()
@@ -169,8 +171,9 @@ def test_eval_batches_padded_masked_and_sharded():
   for shards in (1, 3):
     seen, counts = [], []
     for s in range(shards):
-      batches = list(pipeline.eval_batches(src, batch_size=4, image_size=12, shard_index=s,
-                                           shard_count=shards))
+      batches = list(
+        pipeline.eval_batches(src, batch_size=4, image_size=12, shard_index=s, shard_count=shards)
+      )
       counts.append(len(batches))
       for b in batches:
         assert b['image'].shape == (4, 12, 12, 3) and b['mask'].dtype == bool
@@ -191,8 +194,10 @@ def test_eval_batches_padded_masked_and_sharded():
 
 def test_eval_pads_whole_batches_for_short_shards():
   src = _Tagged(5)
-  lens = [len(list(pipeline.eval_batches(src, batch_size=1, image_size=12, shard_index=s,
-                                         shard_count=4))) for s in range(4)]
+  lens = [
+    len(list(pipeline.eval_batches(src, batch_size=1, image_size=12, shard_index=s, shard_count=4)))
+    for s in range(4)
+  ]
   assert lens == [2, 2, 2, 2]  # shard 0 has 2 records, the others 1 plus a masked batch
 
 

@@ -3,11 +3,11 @@
 import os
 import re
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import data_fixtures as fx
 from kmcl_jax.data import (
   UnreadableImageError,
   accepted_options,
@@ -41,7 +41,10 @@ def test_voc_decode_size_uses_dct_scaling(tmp_path):
   # 2/8 would give 125 x 94 < 100.
   assert src[0]['image'].shape == (141, 188, 3)
   assert get_source('voc2007', root=str(tmp_path), split='trainval')[0]['image'].shape == (
-      375, 500, 3)
+    375,
+    500,
+    3,
+  )
 
 
 def test_coco_category_gaps_and_unannotated_images(tmp_path):
@@ -106,8 +109,7 @@ def test_chestxray14_multi_folder_grey_and_no_finding(tmp_path):
       assert abs(int(img[0, 0, 0]) - grey) <= 1
   negatives = [n for n, (lab, _) in expected['train_val'].items() if not lab.any()]
   assert negatives  # 'No Finding' rows exist and are kept
-  kept = get_source('chestxray14', root=str(tmp_path), split='train_val',
-                    keep_all_negative=False)
+  kept = get_source('chestxray14', root=str(tmp_path), split='train_val', keep_all_negative=False)
   assert len(kept) == len(expected['train_val']) - len(negatives)
 
 
@@ -136,7 +138,7 @@ def test_synthetic_deterministic_disjoint_and_designed():
   labels = np.stack([a[i]['labels'] for i in range(len(a))])
   counts = labels.sum(1)
   assert counts.min() >= 1 and counts.max() <= 4
-  assert not (labels[:, 5] * labels[:, :2].max(1)).any()   # 5 never with group A
+  assert not (labels[:, 5] * labels[:, :2].max(1)).any()  # 5 never with group A
   assert not (labels[:, 6] * labels[:, 2:5].max(1)).any()  # 6 never with group B
   # group A co-occurs: P(1 | 0) far above P(1)
   assert labels[labels[:, 0] > 0, 1].mean() > 0.7 > 2 * labels[:, 1].mean()
@@ -186,20 +188,36 @@ def test_tfds_coco_mapper_drops_unannotated_fake_records():
   records = []
   for n in range(7):
     k = 0 if n in (1, 4) else int(rng.integers(1, 4))
-    records.append({'image': np.full((5, 6, 3), n, np.uint8), 'image/id': 100 + n,
-                    'image/filename': f'COCO_train2014_{100 + n:012d}.jpg',
-                    'objects': {'label': rng.integers(0, 80, k), 'is_crowd': np.zeros(k, bool),
-                                'area': np.ones(k, np.int64), 'bbox': np.zeros((k, 4))}})
+    records.append(
+      {
+        'image': np.full((5, 6, 3), n, np.uint8),
+        'image/id': 100 + n,
+        'image/filename': f'COCO_train2014_{100 + n:012d}.jpg',
+        'objects': {
+          'label': rng.integers(0, 80, k),
+          'is_crowd': np.zeros(k, bool),
+          'area': np.ones(k, np.int64),
+          'bbox': np.zeros((k, 4)),
+        },
+      }
+    )
   names = [f'c{i}' for i in range(80)]
-  src = tfds_source.TfdsSource(records, dataset='coco/2014', class_names=names,
-                               description='fake', keep_all_negative=False)
+  src = tfds_source.TfdsSource(
+    records, dataset='coco/2014', class_names=names, description='fake', keep_all_negative=False
+  )
   assert len(src) == 5
   for i, n in enumerate([0, 2, 3, 5, 6]):
     r = src[i]
     assert r['id'] == str(100 + n) and (r['image'] == n).all()
     assert set(np.flatnonzero(r['labels'])) == set(records[n]['objects']['label'].tolist())
-  assert len(tfds_source.TfdsSource(records, dataset='coco/2014', class_names=names,
-                                    description='fake', keep_all_negative=True)) == 7
+  assert (
+    len(
+      tfds_source.TfdsSource(
+        records, dataset='coco/2014', class_names=names, description='fake', keep_all_negative=True
+      )
+    )
+    == 7
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +227,9 @@ def test_tfds_coco_mapper_drops_unannotated_fake_records():
 def test_missing_roots_and_split_files(tmp_path):
   for name in ('voc2007', 'coco2014', 'adp', 'chestxray14'):
     with pytest.raises(FileNotFoundError, match='nowhere'):
-      get_source(name, root=str(tmp_path / 'nowhere'), split='test' if name != 'coco2014'
-                 else 'val')
+      get_source(
+        name, root=str(tmp_path / 'nowhere'), split='test' if name != 'coco2014' else 'val'
+      )
   fx.make_voc(str(tmp_path / 'voc'))
   os.remove(tmp_path / 'voc/VOCdevkit/VOC2007/ImageSets/Main/test.txt')
   with pytest.raises(FileNotFoundError, match=r'Main/test\.txt'):
@@ -303,8 +322,9 @@ def test_empty_splits(tmp_path):
     get_source('adp', root=str(tmp_path / 'adp'), split='valid')
 
 
-@pytest.mark.parametrize('mode,colour', [('RGB', (200, 30, 60)), ('L', 77),
-                                         ('CMYK', (10, 200, 30, 5))])
+@pytest.mark.parametrize(
+  'mode,colour', [('RGB', (200, 30, 60)), ('L', 77), ('CMYK', (10, 200, 30, 5))]
+)
 def test_decode_jpeg_modes_match_pil(tmp_path, mode, colour):
   path = str(tmp_path / 'x.jpg')
   Image.new(mode, (40, 30), colour).save(path, quality=95)
@@ -349,8 +369,9 @@ def test_text_files_with_bom_crlf_and_trailing_spaces(tmp_path):
   for name in os.listdir(tmp_path / 'voc/VOCdevkit/VOC2007/ImageSets/Main'):
     fx.make_messy(str(tmp_path / 'voc/VOCdevkit/VOC2007/ImageSets/Main' / name))
   for split in ('trainval', 'test'):
-    fx.check_records(get_source('voc2007', root=str(tmp_path / 'voc'), split=split),
-                     expected[split])
+    fx.check_records(
+      get_source('voc2007', root=str(tmp_path / 'voc'), split=split), expected[split]
+    )
   expected = fx.make_coco(str(tmp_path / 'coco'))
   fx.make_messy(str(tmp_path / 'coco/annotations/instances_train2014.json'))
   ids = tmp_path / 'ids.csv'
@@ -360,14 +381,16 @@ def test_text_files_with_bom_crlf_and_trailing_spaces(tmp_path):
   fx.check_records(src, {k: expected['train'][k] for k in ('25', '9')})
   expected = fx.make_adp(str(tmp_path / 'adp'))
   fx.make_messy(str(tmp_path / 'adp/ADP_EncodedLabels_Release1_Flat.csv'))
-  fx.check_records(get_source('adp', root=str(tmp_path / 'adp'), split='train'),
-                   expected['train'])
+  fx.check_records(get_source('adp', root=str(tmp_path / 'adp'), split='train'), expected['train'])
   expected = fx.make_chestxray14(str(tmp_path / 'cxr'))
   for name in ('Data_Entry_2017.csv', 'train_val_list.txt', 'test_list.txt'):
     fx.make_messy(str(tmp_path / 'cxr' / name))
   for split in ('train_val', 'test'):
-    fx.check_records(get_source('chestxray14', root=str(tmp_path / 'cxr'), split=split),
-                     expected[split], colour_check=False)
+    fx.check_records(
+      get_source('chestxray14', root=str(tmp_path / 'cxr'), split=split),
+      expected[split],
+      colour_check=False,
+    )
 
 
 def test_label_file_not_utf8_names_file_and_line(tmp_path):
@@ -386,9 +409,14 @@ def test_anything_but_an_image_is_an_unreadable_image_error(tmp_path):
   png = tmp_path / 'ok.png'
   Image.new('RGB', (40, 30), (1, 2, 3)).save(png)
   garbage = np.random.default_rng(0).integers(0, 256, 600, np.uint8).tobytes()
-  cases = {'empty.jpg': b'', 'truncated.jpg': jpeg.read_bytes()[:300],
-           'truncated.png': png.read_bytes()[:60], 'garbage.png': garbage,
-           'jpeg_magic_garbage.jpg': b'\xff\xd8' + garbage, 'text.jpg': b'not an image\n'}
+  cases = {
+    'empty.jpg': b'',
+    'truncated.jpg': jpeg.read_bytes()[:300],
+    'truncated.png': png.read_bytes()[:60],
+    'garbage.png': garbage,
+    'jpeg_magic_garbage.jpg': b'\xff\xd8' + garbage,
+    'text.jpg': b'not an image\n',
+  }
   for name, content in cases.items():
     (tmp_path / name).write_bytes(content)
   (tmp_path / 'folder.jpg').mkdir()
@@ -407,8 +435,16 @@ def test_skip_unreadable_skips_directories_and_empty_files(tmp_path):
   (images / '000002.jpg').mkdir()
   (images / '000003.jpg').write_bytes(b'')
   src = get_source('voc2007', root=str(tmp_path), split='trainval')
-  it = pipeline.train_iterator(src, batch_size=2, image_size=16, augment='none', seed=0,
-                               shard_index=0, shard_count=1, skip_unreadable=True)
+  it = pipeline.train_iterator(
+    src,
+    batch_size=2,
+    image_size=16,
+    augment='none',
+    seed=0,
+    shard_index=0,
+    shard_count=1,
+    skip_unreadable=True,
+  )
   batch = next(it)
   it.close()
   assert batch['image'].shape == (2, 16, 16, 3)
@@ -418,14 +454,21 @@ def test_skip_unreadable_skips_directories_and_empty_files(tmp_path):
 
 def test_options_the_dataset_does_not_accept(tmp_path):
   fx.make_adp(str(tmp_path))
-  with pytest.raises(ValueError, match=r"^dataset\.options\.levle \(did you mean 'level'\?\): "
-                     r"not an option of dataset 'adp', which accepts decode_size, fraction, "
-                     r'keep_all_negative, level, subset_seed, subset_size$'):
+  with pytest.raises(
+    ValueError,
+    match=r"^dataset\.options\.levle \(did you mean 'level'\?\): "
+    r"not an option of dataset 'adp', which accepts decode_size, fraction, "
+    r'keep_all_negative, level, subset_seed, subset_size$',
+  ):
     get_source('adp', root=str(tmp_path), split='train', levle='L2')
   with pytest.raises(ValueError, match=r"dataset\.options\.decode_size: .* 'synthetic'"):
     get_source('synthetic', split='train', decode_size=64)
   with pytest.raises(ValueError, match=r"^dataset\.options\.dataset: required by dataset 'tfds'"):
     get_source('tfds', split='train')
   assert accepted_options('voc2007') == {
-      'decode_size': None, 'keep_all_negative': True, 'fraction': None, 'subset_size': None,
-      'subset_seed': 0}
+    'decode_size': None,
+    'keep_all_negative': True,
+    'fraction': None,
+    'subset_size': None,
+    'subset_seed': 0,
+  }

@@ -11,11 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import synthetic
-from kmcl_jax import evaluate
-from kmcl_jax import experiment
-from kmcl_jax import export as export_lib
-from kmcl_jax import metrics
-from kmcl_jax import train
+from kmcl_jax import evaluate, experiment, export as export_lib, metrics, train
 from kmcl_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +30,13 @@ def _scores(exported, source):
   mean, std = exported.normalization
   graphdef, params, stats = nnx.split(exported.model, nnx.Param, nnx.BatchStat)
   scores, labels, difficult = [], [], []
-  for batch in pipeline.eval_batches(source, batch_size=16, image_size=exported.image_size,
-                                     shard_index=0, shard_count=1):
+  for batch in pipeline.eval_batches(
+    source, batch_size=16, image_size=exported.image_size, shard_index=0, shard_count=1
+  ):
     keep = batch['mask']
-    probs = evaluate.predict_step(params, stats, batch['image'], graphdef=graphdef, mean=mean,
-                                  std=std)
+    probs = evaluate.predict_step(
+      params, stats, batch['image'], graphdef=graphdef, mean=mean, std=std
+    )
     scores.append(np.asarray(probs)[keep])
     labels.append(batch['labels'][keep])
     difficult.append(batch['difficult'][keep])
@@ -46,24 +44,34 @@ def _scores(exported, source):
 
 
 def _cli(*args, timeout=300):
-  return subprocess.run([sys.executable, '-m', 'kmcl_jax.evaluate', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'kmcl_jax.evaluate', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_report_equals_evaluation_report_on_the_same_scores(smoke_run, tmp_path):
   workdir, results = smoke_run
   config = synthetic.get_config('smoke')
   out = str(tmp_path / 'report')
-  report = evaluate.run_report(config, os.path.join(workdir, 'export'), out=out,
-                               workdir=workdir)
+  report = evaluate.run_report(config, os.path.join(workdir, 'export'), out=out, workdir=workdir)
   assert json.load(open(os.path.join(out, 'report.json'))) == json.loads(json.dumps(report))
   assert report['split'] == 'test' and report['num_examples'] == 64
 
   exported = export_lib.load_export(os.path.join(workdir, 'export'))
   scores, labels, difficult = _scores(exported, experiment.open_split(config, 'test'))
   for threshold, got in ((0.8, report['model']), (0.5, report['at_threshold_0.5']['model'])):
-    want = metrics.evaluation_report(scores, labels, difficult=difficult, threshold=threshold,
-                                     top_k=3, class_names=exported.class_names)
+    want = metrics.evaluation_report(
+      scores,
+      labels,
+      difficult=difficult,
+      threshold=threshold,
+      top_k=3,
+      class_names=exported.class_names,
+    )
     assert set(got) == set(want)
     for key, value in want.items():
       if isinstance(value, dict):
@@ -74,8 +82,7 @@ def test_report_equals_evaluation_report_on_the_same_scores(smoke_run, tmp_path)
   # from the run's best checkpoint.
   chosen = results['exported_weights']
   assert report['model']['mAP'] == pytest.approx(results['test'][chosen]['mAP'], abs=1e-4)
-  assert report[f'checkpoint_{chosen}']['mAP'] == pytest.approx(report['model']['mAP'],
-                                                                abs=1e-6)
+  assert report[f'checkpoint_{chosen}']['mAP'] == pytest.approx(report['model']['mAP'], abs=1e-6)
   md = open(os.path.join(out, 'report.md')).read()
   assert '| weights | red_circle |' in md and '## Overall, threshold 0.5' in md
 
@@ -96,8 +103,9 @@ def test_tuned_thresholds_maximise_each_class_f1():
     best = max(f1(k, t) for t in np.unique(scores[:, k]))
     assert f1(k, tuned[k]) == pytest.approx(best)
   # The worked case: cuts after 0.9, 0.8, 0.7, 0.6 give F1 0.5, 0.8, 0.67, 0.86.
-  t = evaluate.tune_thresholds(np.array([[0.9], [0.8], [0.7], [0.6], [0.1]]),
-                               np.array([[1], [1], [0], [1], [0]]), default=0.5)
+  t = evaluate.tune_thresholds(
+    np.array([[0.9], [0.8], [0.7], [0.6], [0.1]]), np.array([[1], [1], [0], [1], [0]]), default=0.5
+  )
   assert t[0] == 0.6
 
 
@@ -107,17 +115,21 @@ def test_report_with_thresholds_predicts_score_at_least_threshold():
   labels = rng.random((50, 3)) < 0.4
   thresholds = np.array([0.2, 0.5, 0.9])
   names = ('a', 'b', 'c')
-  report = evaluate.report_with_thresholds(scores, labels, np.zeros_like(labels),
-                                           thresholds=thresholds, top_k=3, with_auc=True,
-                                           class_names=names)
+  report = evaluate.report_with_thresholds(
+    scores,
+    labels,
+    np.zeros_like(labels),
+    thresholds=thresholds,
+    top_k=3,
+    with_auc=True,
+    class_names=names,
+  )
   predicted = scores >= thresholds
   tp = (predicted & labels).sum()
   assert report['OP'] == pytest.approx(100 * tp / predicted.sum())
   assert report['OR'] == pytest.approx(100 * tp / labels.sum())
-  plain = metrics.evaluation_report(scores, labels, threshold=0.5, with_auc=True,
-                                    class_names=names)
-  assert report['AP'] == pytest.approx(plain['AP']) and report['AUC'] == pytest.approx(
-      plain['AUC'])
+  plain = metrics.evaluation_report(scores, labels, threshold=0.5, with_auc=True, class_names=names)
+  assert report['AP'] == pytest.approx(plain['AP']) and report['AUC'] == pytest.approx(plain['AUC'])
   assert report['thresholds'] == pytest.approx(dict(zip(names, thresholds)))
 
 
@@ -142,16 +154,20 @@ def test_command_tunes_thresholds_into_the_export(smoke_run, tmp_path):
   report = json.load(open(os.path.join(export_dir, 'report.json')))
   assert set(report['tuned_thresholds']) == {'model'}
   assert report['tuned_thresholds']['model']['thresholds'] == pytest.approx(
-      dict(zip(exported.class_names, want.tolist())), abs=1e-6)
+    dict(zip(exported.class_names, want.tolist())), abs=1e-6
+  )
   assert report['tuned_thresholds']['model']['mAP'] == pytest.approx(report['model']['mAP'])
   assert 'per-class thresholds' in open(os.path.join(export_dir, 'report.md')).read()
 
 
-@pytest.mark.parametrize('args,message', [
+@pytest.mark.parametrize(
+  'args,message',
+  [
     (('--export=/nonexistent/export',), 'is not an export folder'),
     (('--split=nope',), "--split='nope'"),
     (('--config.dataset.options.num_classes=12',), 'differ from the export'),
-])
+  ],
+)
 def test_user_errors_give_one_line(smoke_run, args, message):
   workdir, _ = smoke_run
   if not args[0].startswith('--export'):

@@ -39,12 +39,15 @@ def _no_tpu(tmp_path: pathlib.Path) -> dict[str, str]:
   return {'pci_dir': str(tmp_path / 'pci'), 'dev_dir': str(tmp_path / 'dev')}
 
 
-@pytest.mark.parametrize('output, build', [
+@pytest.mark.parametrize(
+  'output, build',
+  [
     ('580.65.06\\n', 'cuda13'),
-    ('590.12\\n590.12\\n', 'cuda13'),   # one line per GPU
+    ('590.12\\n590.12\\n', 'cuda13'),  # one line per GPU
     ('535.104.05\\n', 'cuda12'),
     ('525.60.13\\n', 'cuda12'),
-])
+  ],
+)
 def test_driver_version_selects_cuda(tmp_path, monkeypatch, output, build):
   monkeypatch.setenv('PATH', _fake_nvidia_smi(tmp_path, output))
   assert select_jax.detect(**_no_tpu(tmp_path)) == build
@@ -55,8 +58,12 @@ def test_old_driver_or_failing_nvidia_smi_gives_cpu(tmp_path, monkeypatch, capsy
   assert select_jax.detect(**_no_tpu(tmp_path)) == 'cpu'
   assert 'older than 525' in capsys.readouterr().err
   # nvidia-smi is installed but finds no driver (exit 9, message on stdout).
-  monkeypatch.setenv('PATH', _fake_nvidia_smi(
-      tmp_path, 'NVIDIA-SMI has failed because it could not communicate with the driver.\\n', 9))
+  monkeypatch.setenv(
+    'PATH',
+    _fake_nvidia_smi(
+      tmp_path, 'NVIDIA-SMI has failed because it could not communicate with the driver.\\n', 9
+    ),
+  )
   assert select_jax.detect(**_no_tpu(tmp_path)) == 'cpu'
 
 
@@ -82,15 +89,22 @@ def test_command_line_detects_and_overrides(tmp_path):
   env = dict(os.environ, PATH=_fake_nvidia_smi(tmp_path, '580.65.06\\n'))
 
   def run(*args: str) -> str:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, check=True,
-                          capture_output=True, text=True, timeout=60).stdout.strip()
+    return subprocess.run(
+      [sys.executable, str(SCRIPT), *args],
+      env=env,
+      check=True,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    ).stdout.strip()
 
   assert run() == 'jax[cuda13]'
   assert run('--name') == 'cuda13'
   assert run('cpu') == 'jax[cpu]'
   assert run('tpu') == 'jax[tpu]'
-  bad = subprocess.run([sys.executable, str(SCRIPT), 'cuda11'], env=env, capture_output=True,
-                       text=True, timeout=60)
+  bad = subprocess.run(
+    [sys.executable, str(SCRIPT), 'cuda11'], env=env, capture_output=True, text=True, timeout=60
+  )
   assert bad.returncode != 0 and 'invalid choice' in bad.stderr
 
 
@@ -101,16 +115,30 @@ def test_make_installs_the_selected_build(tmp_path):
   def requirements(*args: str) -> list[str]:
     """What `make demo` would pass to pip after `-r requirements.txt`."""
     # -n prints the recipes without running them, -B as if the venv had never been installed.
-    out = subprocess.run(['make', '-n', '-B', '-C', str(ROOT), 'demo', *args], env=env,
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    return [line.split('-r requirements.txt', 1)[1].strip() for line in out.splitlines()
-            if 'pip install' in line and '-r requirements.txt' in line]
+    out = subprocess.run(
+      ['make', '-n', '-B', '-C', str(ROOT), 'demo', *args],
+      env=env,
+      check=True,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    ).stdout
+    return [
+      line.split('-r requirements.txt', 1)[1].strip()
+      for line in out.splitlines()
+      if 'pip install' in line and '-r requirements.txt' in line
+    ]
 
   assert requirements('JAX=cpu') == ["'jax[cpu]'"]
   assert requirements() == ["'jax[cuda13]'"]
   assert requirements('JAX=tpu') == ["'jax[tpu]'"]
-  bad = subprocess.run(['make', '-n', '-C', str(ROOT), 'demo', 'JAX=rocm'], env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    ['make', '-n', '-C', str(ROOT), 'demo', 'JAX=rocm'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0 and 'use cpu, cuda12, cuda13 or tpu' in bad.stderr
 
 
@@ -119,8 +147,11 @@ def test_console_scripts():
   resolves to a callable. Modules not written yet are left out until they exist."""
   with open(ROOT / 'pyproject.toml', 'rb') as f:
     declared = tomllib.load(f)['project']['scripts']
-  installed = {ep.name: ep.value for ep in importlib.metadata.distribution('kmcl_jax').entry_points
-               if ep.group == 'console_scripts'}
+  installed = {
+    ep.name: ep.value
+    for ep in importlib.metadata.distribution('kmcl_jax').entry_points
+    if ep.group == 'console_scripts'
+  }
   assert installed == declared, 'stale install: run `make venv` or `pip install --no-deps -e .`'
   # One process per module, all at once: their absl flags must not meet in one flag registry.
   checks = {}
@@ -128,9 +159,13 @@ def test_console_scripts():
     module, function = value.split(':')
     if importlib.util.find_spec(module) is not None:
       checks[f'{name} = {value}'] = subprocess.Popen(
-          [sys.executable, '-c', f'import {module} as m; assert callable(m.{function})'],
-          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+        [sys.executable, '-c', f'import {module} as m; assert callable(m.{function})'],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      )
   unresolved = []
   for entry, process in checks.items():
     _, err = process.communicate(timeout=120)

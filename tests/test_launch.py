@@ -19,8 +19,16 @@ TIMEOUT_S = 900
 
 def _run(command, env=None, **kwargs):
   """Runs to the end (or the timeout) in its own process group, then kills what is left."""
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+  proc = subprocess.Popen(
+    command,
+    cwd=ROOT,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+    **kwargs,
+  )
   try:
     output, _ = proc.communicate(timeout=TIMEOUT_S)
   finally:
@@ -36,8 +44,10 @@ def _recorder(directory, name):
   """An executable `name` in `directory` that appends its arguments, one per line, to name.log
   and a line '--' after them."""
   path = directory / name
-  path.write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done >> '
-                  f'{directory / (name + ".log")}\necho -- >> {directory / (name + ".log")}\n')
+  path.write_text(
+    '#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done >> '
+    f'{directory / (name + ".log")}\necho -- >> {directory / (name + ".log")}\n'
+  )
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
   return path
 
@@ -73,17 +83,23 @@ def test_gpu_script_passes_the_flags_and_sets_known_xla_flags(tmp_path):
   env_dump = tmp_path / 'env'
   python.write_text(python.read_text() + f'printf "%s" "$XLA_FLAGS" > {env_dump}\n')
   env = dict(os.environ, PYTHON=str(python), PATH=f'{tmp_path}:{os.environ["PATH"]}')
-  code, output = _run(['bash', os.path.join(LAUNCH, 'gpu.sh'), '--config=configs/coco.py',
-                       '--workdir=runs/coco'], env)
+  code, output = _run(
+    ['bash', os.path.join(LAUNCH, 'gpu.sh'), '--config=configs/coco.py', '--workdir=runs/coco'], env
+  )
   assert code == 0, output
-  assert _calls(tmp_path, 'python') == [['-m', 'kmcl_jax.main', '--config=configs/coco.py',
-                                         '--workdir=runs/coco']]
+  assert _calls(tmp_path, 'python') == [
+    ['-m', 'kmcl_jax.main', '--config=configs/coco.py', '--workdir=runs/coco']
+  ]
   xla_flags = env_dump.read_text()
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in xla_flags
   # XLA rejects unknown flags on any platform: this jaxlib knows every flag the script sets.
-  check = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], timeout=120,
-                         env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu'),
-                         capture_output=True, text=True)
+  check = subprocess.run(
+    [sys.executable, '-c', 'import jax; jax.devices()'],
+    timeout=120,
+    env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+  )
   assert check.returncode == 0, check.stderr
 
 
@@ -93,36 +109,73 @@ def test_slurm_script_starts_one_process_per_node_with_the_distributed_flags(tmp
   (fake / 'scontrol').write_text('#!/bin/bash\nprintf "gpu017\\ngpu018\\n"\n')
   # srun: record its options, then run the task command as SLURM's task 1 of 2 would.
   (fake / 'srun').write_text(
-      '#!/bin/bash\nwhile [[ "$1" == -* ]]; do echo "$1" >> ' + str(fake / 'srun.log') +
-      '; shift; done\nSLURM_PROCID=1 SLURM_NTASKS=2 "$@"\n')
+    '#!/bin/bash\nwhile [[ "$1" == -* ]]; do echo "$1" >> '
+    + str(fake / 'srun.log')
+    + '; shift; done\nSLURM_PROCID=1 SLURM_NTASKS=2 "$@"\n'
+  )
   for name in ('scontrol', 'srun'):
     (fake / name).chmod(0o755)
   python = _recorder(fake, 'python')
-  env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}', PYTHON=str(python),
-             SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='gpu[017-018]')
-  code, output = _run(['bash', os.path.join(LAUNCH, 'slurm.sbatch'), '--config=configs/coco.py',
-                       '--workdir=/shared/runs/coco', '--config.dataset.root=/shared/data/coco'],
-                      env)
+  env = dict(
+    os.environ,
+    PATH=f'{fake}:{os.environ["PATH"]}',
+    PYTHON=str(python),
+    SLURM_JOB_ID='4242',
+    SLURM_JOB_NODELIST='gpu[017-018]',
+  )
+  code, output = _run(
+    [
+      'bash',
+      os.path.join(LAUNCH, 'slurm.sbatch'),
+      '--config=configs/coco.py',
+      '--workdir=/shared/runs/coco',
+      '--config.dataset.root=/shared/data/coco',
+    ],
+    env,
+  )
   assert code == 0, output
-  assert (fake / 'srun.log').read_text().split() == ['--ntasks-per-node=1',
-                                                     '--kill-on-bad-exit=1']
-  assert _calls(fake, 'python') == [[
-      '-m', 'kmcl_jax.main', '--coordinator_address=gpu017:24242', '--num_processes=2',
-      '--process_id=1', '--config=configs/coco.py', '--workdir=/shared/runs/coco',
-      '--config.dataset.root=/shared/data/coco']]
-  directives = [line for line in open(os.path.join(LAUNCH, 'slurm.sbatch'))
-                if line.startswith('#SBATCH')]
+  assert (fake / 'srun.log').read_text().split() == ['--ntasks-per-node=1', '--kill-on-bad-exit=1']
+  assert _calls(fake, 'python') == [
+    [
+      '-m',
+      'kmcl_jax.main',
+      '--coordinator_address=gpu017:24242',
+      '--num_processes=2',
+      '--process_id=1',
+      '--config=configs/coco.py',
+      '--workdir=/shared/runs/coco',
+      '--config.dataset.root=/shared/data/coco',
+    ]
+  ]
+  directives = [
+    line for line in open(os.path.join(LAUNCH, 'slurm.sbatch')) if line.startswith('#SBATCH')
+  ]
   assert '#SBATCH --ntasks-per-node=1\n' in directives
   assert any(line.startswith('#SBATCH --signal=TERM@') for line in directives)
 
 
 def test_tpu_vm_dry_run_prints_every_command(tmp_path):
-  env = dict(os.environ, TPU_NAME='kmcl-v4', ZONE='us-central2-b', ACCELERATOR_TYPE='v4-32',
-             REPO_URL='https://example.org/kmcl_jax.git', DATA_URI='gs://bucket/coco',
-             RUN_BUCKET='bucket-runs', PATH=f'{tmp_path}:/usr/bin:/bin')  # no gcloud here
-  code, output = _run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), '--dry_run',
-                       '--config=configs/coco.py', '--workdir=/mnt/runs/coco',
-                       '--config.dataset.root=/data/coco'], env)
+  env = dict(
+    os.environ,
+    TPU_NAME='kmcl-v4',
+    ZONE='us-central2-b',
+    ACCELERATOR_TYPE='v4-32',
+    REPO_URL='https://example.org/kmcl_jax.git',
+    DATA_URI='gs://bucket/coco',
+    RUN_BUCKET='bucket-runs',
+    PATH=f'{tmp_path}:/usr/bin:/bin',
+  )  # no gcloud here
+  code, output = _run(
+    [
+      'bash',
+      os.path.join(LAUNCH, 'tpu_vm.sh'),
+      '--dry_run',
+      '--config=configs/coco.py',
+      '--workdir=/mnt/runs/coco',
+      '--config.dataset.root=/data/coco',
+    ],
+    env,
+  )
   assert code == 0, output
   commands = [shlex.split(line) for line in output.splitlines() if line.startswith('gcloud ')]
   create, install, data, train = commands
@@ -136,12 +189,22 @@ def test_tpu_vm_dry_run_prints_every_command(tmp_path):
   assert 'gcloud storage cp -r gs://bucket/coco /data/' in data[-1]
   assert 'gcsfuse --implicit-dirs bucket-runs /mnt/runs' in data[-1]
   run = train[-1]
-  assert ('.venv/bin/python -m kmcl_jax.main --config=configs/coco.py '
-          '--workdir=/mnt/runs/coco --config.dataset.root=/data/coco') in run
+  assert (
+    '.venv/bin/python -m kmcl_jax.main --config=configs/coco.py '
+    '--workdir=/mnt/runs/coco --config.dataset.root=/data/coco'
+  ) in run
   assert '--coordinator_address' not in run  # a TPU slice is detected by jax.distributed
   # --skip_create leaves out the create command.
-  code, output = _run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), '--dry_run', '--skip_create',
-                       '--config=configs/coco.py'], env)
+  code, output = _run(
+    [
+      'bash',
+      os.path.join(LAUNCH, 'tpu_vm.sh'),
+      '--dry_run',
+      '--skip_create',
+      '--config=configs/coco.py',
+    ],
+    env,
+  )
   assert code == 0 and 'tpu-vm create' not in output
 
 
@@ -164,8 +227,12 @@ def test_notebook_is_valid_nbformat_4():
       assert cell['outputs'] == [] and cell['execution_count'] is None
       # Plain Python apart from IPython's ! and % lines (a shell command: a statement).
       lines = ''.join(cell['source']).splitlines()
-      python = '\n'.join(line[:len(line) - len(line.lstrip())] + 'pass'
-                         if line.lstrip().startswith(('!', '%')) else line for line in lines)
+      python = '\n'.join(
+        line[: len(line) - len(line.lstrip())] + 'pass'
+        if line.lstrip().startswith(('!', '%'))
+        else line
+        for line in lines
+      )
       compile(python, cell['id'], 'exec')
   assert nb['cells'][0]['cell_type'] == 'markdown'
   assert 'Few CPU cores' in ''.join(nb['cells'][2]['source'])
@@ -177,15 +244,18 @@ def test_notebook_training_cell_runs_with_the_smoke_variant(tmp_path):
   assert "CONFIG = 'configs/synthetic.py'" in train_cell
   command = next(line for line in train_cell.splitlines() if line.startswith('!python'))
   workdir = str(tmp_path / 'run')
-  argv = shlex.split(command[1:].replace('{CONFIG}', 'configs/synthetic.py:smoke')
-                     .replace('{WORKDIR}', workdir))
+  argv = shlex.split(
+    command[1:].replace('{CONFIG}', 'configs/synthetic.py:smoke').replace('{WORKDIR}', workdir)
+  )
   code, output = _run([sys.executable, *argv[1:]])
   assert code == 0, output
   assert os.path.exists(os.path.join(workdir, 'results.json'))
   # The table and curve cells, on that run (matplotlib without a display).
   shown = [c for c in cells if "open(f'{WORKDIR}/" in c]
   assert len(shown) == 2
-  code, output = _run([sys.executable, '-c', f'WORKDIR = {workdir!r}\n' + '\n'.join(shown)],
-                      dict(os.environ, MPLBACKEND='Agg'))
+  code, output = _run(
+    [sys.executable, '-c', f'WORKDIR = {workdir!r}\n' + '\n'.join(shown)],
+    dict(os.environ, MPLBACKEND='Agg'),
+  )
   assert code == 0, output
   assert 'mAP' in output and 'selected step 3' in output

@@ -60,8 +60,13 @@ def ref_pairwise_log_rho(mu, var, feature_dim, kind):
   for n, m, k in itertools.product(range(n_), range(n_), range(k_)):
     total = 0.0
     for d in range(dims):
-      total += ref_log_rho_1d(_kernel_entry(mu, n, k, d), _kernel_entry(var, n, k, d),
-                              _kernel_entry(mu, m, k, d), _kernel_entry(var, m, k, d), kind)
+      total += ref_log_rho_1d(
+        _kernel_entry(mu, n, k, d),
+        _kernel_entry(var, n, k, d),
+        _kernel_entry(mu, m, k, d),
+        _kernel_entry(var, m, k, d),
+        kind,
+      )
     out[n, m, k] = total
   return out
 
@@ -71,8 +76,10 @@ def ref_log_kernels(features, mu, var):
   n_, k_ = np.asarray(mu).shape[:2]
   out = np.zeros((n_, k_))
   for n, k in itertools.product(range(n_), range(k_)):
-    out[n, k] = -sum((f[n, d] - _kernel_entry(mu, n, k, d)) ** 2
-                     / (2 * _kernel_entry(var, n, k, d)) for d in range(f.shape[1]))
+    out[n, k] = -sum(
+      (f[n, d] - _kernel_entry(mu, n, k, d)) ** 2 / (2 * _kernel_entry(var, n, k, d))
+      for d in range(f.shape[1])
+    )
   return out
 
 
@@ -111,8 +118,9 @@ def ref_asl(logits, labels, gamma_pos, gamma_neg, clip, eps, reduction):
     p = 1 / (1 + math.exp(-float(logits[n, k])))
     p_m = max(p - clip, 0.0)
     y = labels[n, k]
-    total -= (y * (1 - p) ** gamma_pos * math.log(max(p, eps))
-              + (1 - y) * p_m ** gamma_neg * math.log(max(1 - p_m, eps)))
+    total -= y * (1 - p) ** gamma_pos * math.log(max(p, eps)) + (1 - y) * p_m**gamma_neg * math.log(
+      max(1 - p_m, eps)
+    )
   return total / labels.shape[0] if reduction == 'mean' else total
 
 
@@ -188,9 +196,14 @@ def _problem(seed, n=6, k=4, m=5, case='isotropic', kind='bhattacharyya', densit
   return dict(features=features, pi_logits=pi_logits, mu=mu, var=var, labels=labels)
 
 
-CASES = [('isotropic', 'bhattacharyya'), ('isotropic', 'mahalanobis'), ('isotropic', 'gaussian'),
-         ('anisotropic', 'bhattacharyya'), ('anisotropic', 'mahalanobis'),
-         ('anisotropic', 'gaussian')]
+CASES = [
+  ('isotropic', 'bhattacharyya'),
+  ('isotropic', 'mahalanobis'),
+  ('isotropic', 'gaussian'),
+  ('anisotropic', 'bhattacharyya'),
+  ('anisotropic', 'mahalanobis'),
+  ('anisotropic', 'gaussian'),
+]
 
 
 # --------------------------------------------------------------------------- similarity
@@ -207,15 +220,22 @@ def test_pairwise_log_similarity_matches_loops(kind, seed):
 
 
 def _gauss_pdf(x, mu, var):
-  return math.exp(-(x - mu) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
+  return math.exp(-((x - mu) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)
 
 
-@pytest.mark.parametrize('mp,vp,mq,vq', [(0.0, 1.0, 0.0, 1.0), (0.3, 1.0, -0.5, 2.5),
-                                         (1.5, 4.0, 0.0, 1.2), (-2.0, 1.0, 2.0, 9.0)])
+@pytest.mark.parametrize(
+  'mp,vp,mq,vq',
+  [(0.0, 1.0, 0.0, 1.0), (0.3, 1.0, -0.5, 2.5), (1.5, 4.0, 0.0, 1.2), (-2.0, 1.0, 2.0, 9.0)],
+)
 def test_bhattacharyya_closed_form_matches_integration_1d(mp, vp, mq, vq):
   # rho = integral of sqrt(p q) for the normalised kernels (Remark 1).
-  want, _ = integrate.quad(lambda x: math.sqrt(_gauss_pdf(x, mp, vp) * _gauss_pdf(x, mq, vq)),
-                           -60, 60, points=[mp, mq], limit=200)
+  want, _ = integrate.quad(
+    lambda x: math.sqrt(_gauss_pdf(x, mp, vp) * _gauss_pdf(x, mq, vq)),
+    -60,
+    60,
+    points=[mp, mq],
+    limit=200,
+  )
   got = losses.log_similarity(mu_p=mp, var_p=vp, mu_q=mq, var_q=vq, feature_dim=1)
   np.testing.assert_allclose(float(jnp.exp(got)), want, rtol=1e-5)
 
@@ -231,14 +251,22 @@ def test_bhattacharyya_closed_form_matches_integration_2d():
     return math.sqrt(p * q)
 
   want, _ = integrate.dblquad(integrand, -12, 12, -12, 12, epsabs=1e-10)
-  got = losses.log_similarity(mu_p=mp, var_p=vp, mu_q=mq, var_q=vq, feature_dim=0,
-                              anisotropic=True)
+  got = losses.log_similarity(mu_p=mp, var_p=vp, mu_q=mq, var_q=vq, feature_dim=0, anisotropic=True)
   np.testing.assert_allclose(float(jnp.exp(got)), want, rtol=1e-5)
   # Isotropic Eq. 3b in 2 dimensions: mean mu*1, covariance var*I.
   want_iso, _ = integrate.dblquad(
-      lambda y, x: math.sqrt(_gauss_pdf(x, 0.4, 1.3) * _gauss_pdf(y, 0.4, 1.3)
-                             * _gauss_pdf(x, -0.1, 2.2) * _gauss_pdf(y, -0.1, 2.2)),
-      -12, 12, -12, 12, epsabs=1e-10)
+    lambda y, x: math.sqrt(
+      _gauss_pdf(x, 0.4, 1.3)
+      * _gauss_pdf(y, 0.4, 1.3)
+      * _gauss_pdf(x, -0.1, 2.2)
+      * _gauss_pdf(y, -0.1, 2.2)
+    ),
+    -12,
+    12,
+    -12,
+    12,
+    epsabs=1e-10,
+  )
   got_iso = losses.log_similarity(mu_p=0.4, var_p=1.3, mu_q=-0.1, var_q=2.2, feature_dim=2)
   np.testing.assert_allclose(float(jnp.exp(got_iso)), want_iso, rtol=1e-5)
 
@@ -249,20 +277,24 @@ def test_similarity_range_symmetry_and_identity(kind):
   mu_p, mu_q = rng.normal(0, 3, (2, 500)).astype(np.float32)
   var_p, var_q = rng.uniform(1, 1e4, (2, 500)).astype(np.float32)
   for dim in (1, 128, 2048):
-    pq = losses.log_similarity(mu_p=mu_p, var_p=var_p, mu_q=mu_q, var_q=var_q,
-                               feature_dim=dim, kind=kind)
-    qp = losses.log_similarity(mu_p=mu_q, var_p=var_q, mu_q=mu_p, var_q=var_p,
-                               feature_dim=dim, kind=kind)
-    same = losses.log_similarity(mu_p=mu_p, var_p=var_p, mu_q=mu_p, var_q=var_p,
-                                 feature_dim=dim, kind=kind)
+    pq = losses.log_similarity(
+      mu_p=mu_p, var_p=var_p, mu_q=mu_q, var_q=var_q, feature_dim=dim, kind=kind
+    )
+    qp = losses.log_similarity(
+      mu_p=mu_q, var_p=var_q, mu_q=mu_p, var_q=var_p, feature_dim=dim, kind=kind
+    )
+    same = losses.log_similarity(
+      mu_p=mu_p, var_p=var_p, mu_q=mu_p, var_q=var_p, feature_dim=dim, kind=kind
+    )
     assert np.all(np.asarray(pq) <= 0) and np.all(np.asarray(pq) < 0)  # all pairs differ
     np.testing.assert_array_equal(np.asarray(pq), np.asarray(qp))
     np.testing.assert_array_equal(np.asarray(same), 0.0)
     rho = np.exp(np.asarray(pq))
     assert np.all((rho >= 0) & (rho <= 1))
   # Equal means, different variances: only the Bhattacharyya coefficient sees the difference.
-  log_rho = losses.log_similarity(mu_p=1.0, var_p=1.0, mu_q=1.0, var_q=4.0, feature_dim=3,
-                                  kind=kind)
+  log_rho = losses.log_similarity(
+    mu_p=1.0, var_p=1.0, mu_q=1.0, var_q=4.0, feature_dim=3, kind=kind
+  )
   assert (float(log_rho) < 0) == (kind == 'bhattacharyya')
 
 
@@ -277,8 +309,7 @@ def test_reconstruction_matches_reference(case, kind, seed):
   got = losses.reconstruction_loss(**args)
   np.testing.assert_allclose(float(got), ref_reconstruction(**args), rtol=2e-5, atol=1e-6)
   got = losses.reconstruction_loss(**args, variant='official')
-  np.testing.assert_allclose(float(got), ref_reconstruction_official(**args), rtol=2e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(float(got), ref_reconstruction_official(**args), rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -289,8 +320,9 @@ def test_asl_matches_reference(seed, reduction):
   logits = rng.normal(0, 4, (n, k)).astype(np.float32)
   labels = (rng.random((n, k)) < 0.3).astype(np.float32)
   for gp, gn, clip in ((0.0, 4.0, 0.05), (1.0, 2.0, 0.0), (0.5, 3.0, 0.1)):
-    got = losses.asl_loss(logits=logits, labels=labels, gamma_pos=gp, gamma_neg=gn, clip=clip,
-                          reduction=reduction)
+    got = losses.asl_loss(
+      logits=logits, labels=labels, gamma_pos=gp, gamma_neg=gn, clip=clip, reduction=reduction
+    )
     want = ref_asl(logits, labels, gp, gn, clip, 1e-7, reduction)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -308,8 +340,7 @@ def test_asl_detach_focusing_changes_only_the_gradient():
   # With constant focusing weights the gradient of a negative entry is w * d(-log(1-p_m)).
   p = jax.nn.sigmoid(2.0)
   p_m = p - 0.05
-  np.testing.assert_allclose(float(g_detached[0, 2]), p_m ** 4 * p * (1 - p) / (1 - p_m),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(g_detached[0, 2]), p_m**4 * p * (1 - p) / (1 - p_m), rtol=1e-5)
 
 
 @pytest.mark.parametrize('case,kind', CASES)
@@ -318,9 +349,15 @@ def test_contrastive_matches_reference(case, kind, seed):
   p = _problem(seed, case=case, kind=kind, n=7)
   for variant, ref in (('paper', ref_kmcl), ('official', ref_kmcl_official)):
     for tau in (0.2, 0.17):
-      got = losses.kmcl_contrastive_loss(mu=p['mu'], var=p['var'], labels=p['labels'],
-                                         feature_dim=5, temperature=tau, kind=kind,
-                                         variant=variant)
+      got = losses.kmcl_contrastive_loss(
+        mu=p['mu'],
+        var=p['var'],
+        labels=p['labels'],
+        feature_dim=5,
+        temperature=tau,
+        kind=kind,
+        variant=variant,
+      )
       want = ref(p['mu'], p['var'], p['labels'], 5, tau, kind)
       np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=1e-6)
 
@@ -332,8 +369,9 @@ def test_contrastive_uses_close_kernels_for_a_lower_loss():
   var = np.ones((3, 2), np.float32)
   far = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], np.float32)
   near = np.array([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]], np.float32)
-  loss = lambda mu: float(losses.kmcl_contrastive_loss(mu=mu, var=var, labels=labels,
-                                                       feature_dim=4))
+  loss = lambda mu: float(
+    losses.kmcl_contrastive_loss(mu=mu, var=var, labels=labels, feature_dim=4)
+  )
   assert loss(near) < loss(far)
 
 
@@ -342,23 +380,38 @@ def test_degenerate_batches_give_zero_not_nan(variant):
   p = _problem(0, n=1)
   labels_sets = [np.zeros((1, 4), np.float32), np.ones((1, 4), np.float32)]
   for labels in labels_sets:
+
     def total(mu, var, feats, logits, labels=labels):
       head = dict(pi_logits=logits, mu=mu, var=var)
-      return losses.kmcl_objective(features=feats, head=head, labels=labels,
-                                   config=dict(variant=variant))[0]
+      return losses.kmcl_objective(
+        features=feats, head=head, labels=labels, config=dict(variant=variant)
+      )[0]
+
     value, grads = jax.value_and_grad(total, argnums=(0, 1, 2, 3))(
-        p['mu'], p['var'], p['features'], p['pi_logits'])
+      p['mu'], p['var'], p['features'], p['pi_logits']
+    )
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
   # No sample has a positive: reconstruction and contrastive are exactly 0 in the paper form.
   p = _problem(1, n=5)
   zeros = np.zeros_like(p['labels'])
-  assert float(losses.kmcl_contrastive_loss(mu=p['mu'], var=p['var'], labels=zeros,
-                                            feature_dim=5, variant=variant)) == 0.0
+  assert (
+    float(
+      losses.kmcl_contrastive_loss(
+        mu=p['mu'], var=p['var'], labels=zeros, feature_dim=5, variant=variant
+      )
+    )
+    == 0.0
+  )
   if variant == 'paper':
-    assert float(losses.reconstruction_loss(
-        features=p['features'], pi_logits=p['pi_logits'], mu=p['mu'], var=p['var'],
-        labels=zeros)) == 0.0
+    assert (
+      float(
+        losses.reconstruction_loss(
+          features=p['features'], pi_logits=p['pi_logits'], mu=p['mu'], var=p['var'], labels=zeros
+        )
+      )
+      == 0.0
+    )
 
 
 def test_objective_combines_terms_per_variant():
@@ -373,14 +426,19 @@ def test_objective_combines_terms_per_variant():
   np.testing.assert_allclose([aux['rec'], aux['asl'], aux['kmcl']], [rec, asl, kmcl], rtol=2e-5)
 
   loss, aux = losses.kmcl_objective(**args, config={'variant': 'official'})
-  want = (ref_asl(p['pi_logits'], p['labels'], 0.0, 4.0, 0.05, 1e-7, 'sum')
-          + ref_reconstruction_official(p['features'], p['pi_logits'], p['mu'], p['var'],
-                                        p['labels'])
-          + ref_kmcl_official(p['mu'], p['var'], p['labels'], 5, 0.17, 'bhattacharyya'))
+  want = (
+    ref_asl(p['pi_logits'], p['labels'], 0.0, 4.0, 0.05, 1e-7, 'sum')
+    + ref_reconstruction_official(p['features'], p['pi_logits'], p['mu'], p['var'], p['labels'])
+    + ref_kmcl_official(p['mu'], p['var'], p['labels'], 5, 0.17, 'bhattacharyya')
+  )
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
 
-  loss, aux = losses.kmcl_objective(features=p['features'], head={'pi_logits': p['pi_logits']},
-                                    labels=p['labels'], config={'asl_only': True})
+  loss, aux = losses.kmcl_objective(
+    features=p['features'],
+    head={'pi_logits': p['pi_logits']},
+    labels=p['labels'],
+    config={'asl_only': True},
+  )
   np.testing.assert_allclose(float(loss), asl, rtol=1e-5)
   assert float(aux['rec']) == 0.0 and float(aux['kmcl']) == 0.0
 
@@ -400,8 +458,9 @@ def test_bad_settings_are_named():
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**16), case=st.sampled_from(CASES),
-                  variant=st.sampled_from(losses.VARIANTS))
+@hypothesis.given(
+  seed=st.integers(0, 2**16), case=st.sampled_from(CASES), variant=st.sampled_from(losses.VARIANTS)
+)
 def test_batch_permutation_leaves_every_loss_unchanged(seed, case, variant):
   p = _problem(seed, n=6, case=case[0], kind=case[1])
   perm = np.random.default_rng(seed).permutation(6)
@@ -410,8 +469,9 @@ def test_batch_permutation_leaves_every_loss_unchanged(seed, case, variant):
 
   def run(q):
     head = dict(pi_logits=q['pi_logits'], mu=q['mu'], var=q['var'])
-    return losses.kmcl_objective(features=q['features'], head=head, labels=q['labels'],
-                                 config=config)[1]
+    return losses.kmcl_objective(
+      features=q['features'], head=head, labels=q['labels'], config=config
+    )[1]
 
   a, b = run(p), run(permuted)
   for key in ('asl', 'rec', 'kmcl'):
@@ -422,14 +482,19 @@ def test_batch_permutation_leaves_every_loss_unchanged(seed, case, variant):
 def _objective_and_grads(features, logits, mu, var, labels):
   def total(features, logits, mu, var):
     head = dict(pi_logits=logits, mu=mu, var=var)
-    return losses.kmcl_objective(features=features, head=head, labels=labels,
-                                 config=losses.LossConfig())[0]
+    return losses.kmcl_objective(
+      features=features, head=head, labels=labels, config=losses.LossConfig()
+    )[0]
+
   return jax.value_and_grad(total, argnums=(0, 1, 2, 3))(features, logits, mu, var)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**16), feature_dim=st.sampled_from([1, 64, 2048]),
-                  scale=st.sampled_from([1.0, 50.0]))
+@hypothesis.given(
+  seed=st.integers(0, 2**16),
+  feature_dim=st.sampled_from([1, 64, 2048]),
+  scale=st.sampled_from([1.0, 50.0]),
+)
 def test_extreme_inputs_give_finite_losses_and_gradients(seed, feature_dim, scale):
   rng = np.random.default_rng(seed)
   n, k = 5, 3
@@ -456,22 +521,27 @@ def test_reconstruction_keeps_gradients_where_kernels_underflow():
   assert np.all(np.exp(ref_log_kernels(features, mu, var)).astype(np.float32) == 0)
 
   def rec(mu, variant):
-    return losses.reconstruction_loss(features=features, pi_logits=logits, mu=mu, var=var,
-                                      labels=labels, variant=variant)
+    return losses.reconstruction_loss(
+      features=features, pi_logits=logits, mu=mu, var=var, labels=labels, variant=variant
+    )
 
   assert np.abs(np.asarray(jax.grad(rec)(mu, 'paper'))).max() > 1e-3
   assert np.abs(np.asarray(jax.grad(rec)(mu, 'official'))).max() == 0.0
-  np.testing.assert_allclose(float(rec(mu, 'paper')),
-                             ref_reconstruction(features, logits, mu, var, labels), rtol=1e-4)
-  np.testing.assert_allclose(float(rec(mu, 'official')),
-                             ref_reconstruction_official(features, logits, mu, var, labels),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(rec(mu, 'paper')), ref_reconstruction(features, logits, mu, var, labels), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    float(rec(mu, 'official')),
+    ref_reconstruction_official(features, logits, mu, var, labels),
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize('case,kind', [c for c in CASES if c != ('isotropic', 'mahalanobis')])
 @pytest.mark.parametrize('block_elements', [2**24, 50])
-def test_pairwise_gradients_match_autodiff_of_the_direct_formula(case, kind, block_elements,
-                                                                 monkeypatch):
+def test_pairwise_gradients_match_autodiff_of_the_direct_formula(
+  case, kind, block_elements, monkeypatch
+):
   # pairwise_log_similarity has a hand-written VJP (and row blocks for large batches; a tiny
   # block budget forces them here). Compare with automatic differentiation of the textbook
   # formula over the shared-variance shapes the KMM produces.
@@ -492,11 +562,13 @@ def test_pairwise_gradients_match_autodiff_of_the_direct_formula(case, kind, blo
     return jnp.sum(weights * scale * terms)
 
   def ours(mu, var):
-    return jnp.sum(weights * losses.pairwise_log_similarity(mu=mu, var=var, feature_dim=5,
-                                                            kind=kind))
+    return jnp.sum(
+      weights * losses.pairwise_log_similarity(mu=mu, var=var, feature_dim=5, kind=kind)
+    )
 
   np.testing.assert_allclose(ours(mu, var), direct(mu, var), rtol=1e-5)
-  for got, want in zip(jax.grad(ours, argnums=(0, 1))(mu, var),
-                       jax.grad(direct, argnums=(0, 1))(mu, var)):
+  for got, want in zip(
+    jax.grad(ours, argnums=(0, 1))(mu, var), jax.grad(direct, argnums=(0, 1))(mu, var)
+  ):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -5,22 +5,15 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn import metrics as skm
 
 from kmcl_jax import metrics
 
 # 4 samples, 2 classes, worked by hand in the tests below.
-SCORES = np.array([[0.9, 0.1],
-                   [0.8, 0.7],
-                   [0.3, 0.6],
-                   [0.2, 0.4]])
-LABELS = np.array([[1, 0],
-                   [0, 1],
-                   [1, 1],
-                   [0, 0]])
+SCORES = np.array([[0.9, 0.1], [0.8, 0.7], [0.3, 0.6], [0.2, 0.4]])
+LABELS = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
 
 
 def _random_problem(seed, n=60, k=7, ties=False):
@@ -67,11 +60,18 @@ def _loop_threshold_metrics(scores, labels, threshold, top_k):
   def f1(p, r):
     return 2 * p * r / (p + r) if p + r else 0.0
 
-  return {'OP': 100 * op, 'OR': 100 * orr, 'OF1': 100 * f1(op, orr),
-          'CP': 100 * cp, 'CR': 100 * cr, 'CF1': 100 * f1(cp, cr)}
+  return {
+    'OP': 100 * op,
+    'OR': 100 * orr,
+    'OF1': 100 * f1(op, orr),
+    'CP': 100 * cp,
+    'CR': 100 * cr,
+    'CF1': 100 * f1(cp, cr),
+  }
 
 
 # --- hand-worked examples -----------------------------------------------------------------
+
 
 def test_average_precision_by_hand():
   # Class 0 ranking: + - + -  -> precisions 1/1, 2/3 -> AP 5/6. Class 1: + + - - -> AP 1.
@@ -88,8 +88,7 @@ def test_threshold_metrics_by_hand():
   # threshold 0.65 predicts class 0 for samples 0, 1 (one correct) and class 1 for sample 1
   # (correct): TP = (1, 1), predictions = (2, 1), positives = (2, 2).
   got = metrics.threshold_metrics(SCORES, LABELS, threshold=0.65)
-  expected = {'OP': 200 / 3, 'OR': 50.0, 'OF1': 400 / 7,
-              'CP': 75.0, 'CR': 50.0, 'CF1': 60.0}
+  expected = {'OP': 200 / 3, 'OR': 50.0, 'OF1': 400 / 7, 'CP': 75.0, 'CR': 50.0, 'CF1': 60.0}
   assert got == pytest.approx(expected)
 
 
@@ -110,12 +109,14 @@ def test_roc_auc_counts_ties_half():
 
 # --- against scikit-learn and loop references ---------------------------------------------
 
+
 @pytest.mark.parametrize('seed', range(4))
 def test_average_precision_matches_sklearn_tie_free(seed):
   scores, labels = _random_problem(seed)
   assert len(np.unique(scores)) == scores.size
-  expected = [skm.average_precision_score(labels[:, c], scores[:, c])
-              for c in range(labels.shape[1])]
+  expected = [
+    skm.average_precision_score(labels[:, c], scores[:, c]) for c in range(labels.shape[1])
+  ]
   np.testing.assert_allclose(metrics.average_precision(scores, labels), expected, rtol=1e-12)
   assert metrics.mean_average_precision(scores, labels) == pytest.approx(100 * np.mean(expected))
 
@@ -123,8 +124,7 @@ def test_average_precision_matches_sklearn_tie_free(seed):
 @pytest.mark.parametrize('seed', range(3))
 def test_average_precision_with_ties_matches_stable_loop(seed):
   scores, labels = _random_problem(seed, ties=True)
-  expected = [_loop_average_precision(scores[:, c], labels[:, c])
-              for c in range(labels.shape[1])]
+  expected = [_loop_average_precision(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]
   np.testing.assert_allclose(metrics.average_precision(scores, labels), expected, rtol=1e-12)
 
 
@@ -153,11 +153,13 @@ def test_threshold_metrics_match_sklearn(seed):
   assert got['OR'] == pytest.approx(100 * skm.recall_score(labels, pred, average='micro'))
   assert got['OF1'] == pytest.approx(100 * skm.f1_score(labels, pred, average='micro'))
   assert got['CP'] == pytest.approx(
-      100 * skm.precision_score(labels, pred, average='macro', zero_division=0))
+    100 * skm.precision_score(labels, pred, average='macro', zero_division=0)
+  )
   assert got['CR'] == pytest.approx(100 * skm.recall_score(labels, pred, average='macro'))
 
 
 # --- VOC difficult ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('seed', range(3))
 def test_difficult_entries_leave_the_ranking(seed):
@@ -170,13 +172,14 @@ def test_difficult_entries_leave_the_ranking(seed):
   for c in range(labels.shape[1]):
     kept = ~difficult[:, c]
     assert ap[c] == pytest.approx(
-        skm.average_precision_score(labels[kept, c], scores[kept, c]), rel=1e-12)
+      skm.average_precision_score(labels[kept, c], scores[kept, c]), rel=1e-12
+    )
     assert auc[c] == pytest.approx(skm.roc_auc_score(labels[kept, c], scores[kept, c]), rel=1e-12)
 
 
 def test_difficult_by_hand():
   scores = np.array([[0.9], [0.8], [0.7], [0.6]])
-  labels = np.array([[1], [0], [1], [1]])      # sample 0 is a difficult positive
+  labels = np.array([[1], [0], [1], [1]])  # sample 0 is a difficult positive
   difficult = np.array([[True], [False], [False], [True]])
   # Ranking without samples 0 and 3: 1(-), 2(+) -> AP 1/2 (it would be (1 + 2/3 + 3/4)/3).
   assert metrics.average_precision(scores, labels, ignore=difficult)[0] == pytest.approx(0.5)
@@ -190,6 +193,7 @@ def test_difficult_by_hand():
 
 # --- top-k --------------------------------------------------------------------------------
 
+
 def test_top3_keeps_three_of_five_predictions():
   scores = np.array([[0.95, 0.9, 0.85, 0.99, 0.81]])
   labels = np.ones((1, 5))
@@ -198,15 +202,14 @@ def test_top3_keeps_three_of_five_predictions():
   assert full['OR'] == 100.0
   # Classes 3, 0, 1 predicted: OP 100 (the authors' denominator would give 3/5 here), OR 3/5,
   # CP = (1 + 1 + 0 + 1 + 0) / 5 with 0 for the two classes without predictions.
-  assert top3 == pytest.approx({'OP': 100.0, 'OR': 60.0, 'OF1': 75.0,
-                                'CP': 60.0, 'CR': 60.0, 'CF1': 60.0})
+  assert top3 == pytest.approx(
+    {'OP': 100.0, 'OR': 60.0, 'OF1': 75.0, 'CP': 60.0, 'CR': 60.0, 'CF1': 60.0}
+  )
 
 
 def test_top_k_still_applies_threshold_and_breaks_ties_by_class_index():
-  scores = np.array([[0.9, 0.7, 0.85, 0.2],
-                     [0.6, 0.6, 0.6, 0.6]])
-  labels = np.array([[1, 1, 1, 0],
-                     [0, 0, 1, 1]])
+  scores = np.array([[0.9, 0.7, 0.85, 0.2], [0.6, 0.6, 0.6, 0.6]])
+  labels = np.array([[1, 1, 1, 0], [0, 0, 1, 1]])
   # Sample 0: top-3 = {0, 2, 1}, but 0.7 < 0.8 -> predictions {0, 2}.
   # Sample 1 at threshold 0.5: all tied, top-3 = {0, 1, 2} -> one hit (class 2).
   got = metrics.threshold_metrics(scores[:1], labels[:1], threshold=0.8, top_k=3)
@@ -216,6 +219,7 @@ def test_top_k_still_applies_threshold_and_breaks_ties_by_class_index():
 
 
 # --- degenerate inputs --------------------------------------------------------------------
+
 
 def test_class_without_positives_is_left_out_of_means():
   scores = np.array([[0.9, 0.3], [0.2, 0.8], [0.6, 0.1]])
@@ -262,15 +266,40 @@ def test_all_zero_labels():
 
 # --- the report ---------------------------------------------------------------------------
 
+
 def test_evaluation_report_keys_values_and_json():
   scores, labels = _random_problem(0, k=3)
   difficult = np.zeros(labels.shape, bool)
   difficult[5:9, 1] = True
-  report = metrics.evaluation_report(scores, labels, difficult=difficult, threshold=0.7,
-                                     top_k=2, with_auc=True, class_names=['a', 'b', 'c'])
-  expected_keys = {'threshold', 'top_k', 'mAP', 'OP', 'OR', 'OF1', 'CP', 'CR', 'CF1',
-                   'OP_top2', 'OR_top2', 'OF1_top2', 'CP_top2', 'CR_top2', 'CF1_top2',
-                   'AP', 'AUC', 'mAUC'}
+  report = metrics.evaluation_report(
+    scores,
+    labels,
+    difficult=difficult,
+    threshold=0.7,
+    top_k=2,
+    with_auc=True,
+    class_names=['a', 'b', 'c'],
+  )
+  expected_keys = {
+    'threshold',
+    'top_k',
+    'mAP',
+    'OP',
+    'OR',
+    'OF1',
+    'CP',
+    'CR',
+    'CF1',
+    'OP_top2',
+    'OR_top2',
+    'OF1_top2',
+    'CP_top2',
+    'CR_top2',
+    'CF1_top2',
+    'AP',
+    'AUC',
+    'mAUC',
+  }
   assert set(report) == expected_keys
   assert report['threshold'] == 0.7 and report['top_k'] == 2
   assert list(report['AP']) == ['a', 'b', 'c']
@@ -294,14 +323,18 @@ def test_evaluation_report_without_names_or_top_k():
 
 # --- validation ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize('scores, labels, match', [
+
+@pytest.mark.parametrize(
+  'scores, labels, match',
+  [
     (np.zeros((4, 2)), np.zeros((4, 3)), r'\(4, 2\).*\(4, 3\)'),
     (np.zeros(4), np.zeros(4), '2-D'),
     (np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), '2-D'),
     (np.zeros((0, 3)), np.zeros((0, 3)), 'at least one sample'),
     (np.array([[0.1, np.nan]]), np.array([[1, 0]]), 'NaN'),
     (np.zeros((2, 2)), np.array([[1, -1], [0, 1]]), 'only 0 and 1'),
-])
+  ],
+)
 def test_invalid_inputs_raise(scores, labels, match):
   for fn in (metrics.average_precision, metrics.roc_auc, metrics.evaluation_report):
     with pytest.raises(ValueError, match=match):
@@ -324,10 +357,12 @@ def test_invalid_settings_raise():
 # --- properties ---------------------------------------------------------------------------
 
 _problems = st.tuples(st.integers(1, 12), st.integers(1, 4)).flatmap(
-    lambda shape: st.tuples(
-        hnp.arrays(np.float64, shape, elements=st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])),
-        hnp.arrays(np.int8, shape, elements=st.integers(0, 1)),
-        st.randoms(use_true_random=False)))
+  lambda shape: st.tuples(
+    hnp.arrays(np.float64, shape, elements=st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])),
+    hnp.arrays(np.int8, shape, elements=st.integers(0, 1)),
+    st.randoms(use_true_random=False),
+  )
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -347,7 +382,8 @@ def test_property_ranges_and_permutation(problem):
   figures = metrics.threshold_metrics(scores, labels, threshold=0.5, top_k=2)
   assert all(0 <= v <= 100 for v in figures.values())
   assert figures == pytest.approx(
-      metrics.threshold_metrics(scores[perm], labels[perm], threshold=0.5, top_k=2))
+    metrics.threshold_metrics(scores[perm], labels[perm], threshold=0.5, top_k=2)
+  )
 
 
 @settings(max_examples=40, deadline=None)
@@ -357,5 +393,8 @@ def test_property_ap_permutation_invariant_without_ties(n, k, seed):
   scores = rng.permutation(n * k).reshape(n, k) / (n * k)  # distinct by construction
   labels = rng.integers(0, 2, (n, k))
   perm = rng.permutation(n)
-  np.testing.assert_allclose(metrics.average_precision(scores[perm], labels[perm]),
-                             metrics.average_precision(scores, labels), rtol=1e-12)
+  np.testing.assert_allclose(
+    metrics.average_precision(scores[perm], labels[perm]),
+    metrics.average_precision(scores, labels),
+    rtol=1e-12,
+  )

@@ -29,7 +29,7 @@ SMOKE = ['--config=configs/synthetic.py:smoke']
 
 # Injected with PYTHONPATH into the trainer's processes: on its N-th train batch, the process
 # whose --process_id is KMCL_TEST_PROCESS (any, when unset) sends itself KMCL_TEST_SIGNALS.
-_SITECUSTOMIZE = textwrap.dedent('''\
+_SITECUSTOMIZE = textwrap.dedent("""\
     import os, signal, sys
     if os.environ.get('KMCL_TEST_SIGNALS'):
       from kmcl_jax import train
@@ -45,7 +45,7 @@ _SITECUSTOMIZE = textwrap.dedent('''\
         return _real(run, batch)
 
       train._to_global = _to_global
-''')
+""")
 
 
 @pytest.fixture(scope='module')
@@ -60,9 +60,15 @@ def env(tmp_path_factory):
 
 def _run(command, env, **extra_env):
   """Runs `command` to the end (or the timeout) in its own process group; kills what is left."""
-  proc = subprocess.Popen(command, cwd=ROOT, env=dict(env, **extra_env), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    command,
+    cwd=ROOT,
+    env=dict(env, **extra_env),
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
   try:
     output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
   finally:
@@ -75,8 +81,7 @@ def _run(command, env, **extra_env):
 
 
 def _launch(workdir, env, *flags, **extra_env):
-  return _run(['bash', LAUNCHER, '2', *SMOKE, f'--workdir={workdir}', *flags], env,
-              **extra_env)
+  return _run(['bash', LAUNCHER, '2', *SMOKE, f'--workdir={workdir}', *flags], env, **extra_env)
 
 
 def _final_state(workdir):
@@ -86,8 +91,10 @@ def _final_state(workdir):
   path = os.path.join(workdir, 'checkpoints', 'latest', steps[0], 'state')
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    checkpointer.metadata(path).item_metadata,
+  )
   return jax.device_get(checkpointer.restore(path, abstract))
 
 
@@ -123,8 +130,11 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
   assert int(want['step']) == int(got['step']) == 3
   # Tolerance: the same examples in another row order, so sums (BatchNorm statistics,
   # gradients) are added in another order; measured largest |difference| 8e-7.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               want['params'], got['params'])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    want['params'],
+    got['params'],
+  )
   for name in ('model', 'ema'):
     assert multi['test'][name]['mAP'] == pytest.approx(results['test'][name]['mAP'], abs=1e-3)
 
@@ -133,8 +143,9 @@ def test_sigterm_on_one_process_stops_both_and_resumes(two_process_run, env, tmp
   """SIGTERM reaches process 1 only; both stop on the same step and the restart resumes."""
   straight, _ = two_process_run
   workdir = str(tmp_path / 'resumed')
-  code, output = _launch(workdir, env, KMCL_TEST_SIGNALS='SIGTERM', KMCL_TEST_PROCESS='1',
-                         KMCL_TEST_AT='1')
+  code, output = _launch(
+    workdir, env, KMCL_TEST_SIGNALS='SIGTERM', KMCL_TEST_PROCESS='1', KMCL_TEST_AT='1'
+  )
   assert code == 128 + signal.SIGTERM, output
   # Process 1 is signalled during step 1; the agreement launched then is read at step 2.
   assert 'SIGTERM: saved the checkpoint of step 2 and stopped' in output
@@ -147,8 +158,11 @@ def test_sigterm_on_one_process_stops_both_and_resumes(two_process_run, env, tmp
   want, got = _final_state(straight), _final_state(workdir)
   # Tolerance as above: the CPU collectives may add partial sums in another order from run to
   # run, and Adam magnifies that where gradients are tiny; measured up to 1.2e-6.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               want['params'], got['params'])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    want['params'],
+    got['params'],
+  )
 
 
 def test_ctrl_c_checkpoints_and_exits(tmp_path, monkeypatch, caplog):
@@ -170,14 +184,15 @@ def test_ctrl_c_checkpoints_and_exits(tmp_path, monkeypatch, caplog):
   assert exit_info.value.code == 128 + signal.SIGINT
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['2']
   stops = [r.getMessage() for r in caplog.records if 'stopped' in r.getMessage()]
-  assert stops == ['SIGINT: saved the checkpoint of step 2 and stopped; the same command '
-                   'resumes from it.']
+  assert stops == [
+    'SIGINT: saved the checkpoint of step 2 and stopped; the same command resumes from it.'
+  ]
   # The handlers are restored afterwards.
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_second_ctrl_c_exits_at_once(env):
-  code = textwrap.dedent('''\
+  code = textwrap.dedent("""\
       import os, signal, time
       import jax
       from kmcl_jax import distributed
@@ -189,15 +204,18 @@ def test_second_ctrl_c_exits_at_once(env):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(60)
       print('still running')
-  ''')
+  """)
   returncode, output = _run([sys.executable, '-c', code], env)
   assert returncode == -signal.SIGINT, output
   assert 'first Ctrl-C recorded' in output and 'still running' not in output
 
 
 def _main(env, *flags):
-  return _run([sys.executable, '-m', 'kmcl_jax.main', *SMOKE, *flags], env,
-              XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  return _run(
+    [sys.executable, '-m', 'kmcl_jax.main', *SMOKE, *flags],
+    env,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
 
 
 def test_first_log_line_names_platform_and_batch_errors_name_the_split(env, tmp_path):
@@ -205,9 +223,11 @@ def test_first_log_line_names_platform_and_batch_errors_name_the_split(env, tmp_
   assert code != 0
   lines = [line for line in output.splitlines() if line.startswith(('I1', 'W1', 'E1'))]
   assert lines[0].endswith('JAX platform cpu: 8 devices (cpu) on 1 process'), lines
-  assert ('batch_size=12 (global) must be a positive multiple of the device count 8 (1 '
-          'process(es) x 8 local devices): it is split into a per-process batch of 12 and a '
-          'per-device batch of 1.5.') in output
+  assert (
+    'batch_size=12 (global) must be a positive multiple of the device count 8 (1 '
+    'process(es) x 8 local devices): it is split into a per-process batch of 12 and a '
+    'per-device batch of 1.5.'
+  ) in output
   assert 'Traceback' not in output
 
 
@@ -217,13 +237,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize('flags,message', [
+@pytest.mark.parametrize(
+  'flags,message',
+  [
     (['--num_processes=2'], '--coordinator_address, --process_id missing'),
-    (['--coordinator_address=localhost:1234', '--num_processes=2', '--process_id=2'],
-     '--process_id=2 is out of range'),
-    (['--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
-     'is not HOST:PORT'),
-])
+    (
+      ['--coordinator_address=localhost:1234', '--num_processes=2', '--process_id=2'],
+      '--process_id=2 is out of range',
+    ),
+    (
+      ['--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
+      'is not HOST:PORT',
+    ),
+  ],
+)
 def test_bad_process_flags_give_one_message(flags, message, env, tmp_path):
   code, output = _main(env, f'--workdir={tmp_path}', *flags)
   assert code != 0 and message in output, output
@@ -231,9 +258,14 @@ def test_bad_process_flags_give_one_message(flags, message, env, tmp_path):
 
 
 def test_unreachable_coordinator_gives_one_message(env, tmp_path):
-  code, output = _main(env, f'--workdir={tmp_path}', f'--coordinator_address=localhost:'
-                       f'{_free_port()}', '--num_processes=2', '--process_id=1',
-                       '--coordinator_timeout_s=3')
+  code, output = _main(
+    env,
+    f'--workdir={tmp_path}',
+    f'--coordinator_address=localhost:{_free_port()}',
+    '--num_processes=2',
+    '--process_id=1',
+    '--coordinator_timeout_s=3',
+  )
   assert code == 1, output
   assert 'did not finish within 3 s (--coordinator_timeout_s)' in output
   assert 'Check failure' not in output and 'Traceback' not in output

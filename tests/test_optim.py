@@ -12,8 +12,7 @@ from flax import nnx
 
 from kmcl_jax import optim
 
-RECIPE = dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4, base_beta1=0.85,
-              max_beta1=0.95)
+RECIPE = dict(pct_start=0.2, div_factor=25.0, final_div_factor=1e4, base_beta1=0.85, max_beta1=0.95)
 
 
 def _torch_onecycle_values(total_steps: int, pct_start: float, peak_lr: float):
@@ -21,7 +20,8 @@ def _torch_onecycle_values(total_steps: int, pct_start: float, peak_lr: float):
   param = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.Adam([param], lr=peak_lr)
   sched = torch.optim.lr_scheduler.OneCycleLR(
-      opt, max_lr=peak_lr, total_steps=total_steps, pct_start=pct_start)
+    opt, max_lr=peak_lr, total_steps=total_steps, pct_start=pct_start
+  )
   lrs, beta1s = [], []
   for k in range(total_steps + 1):
     lrs.append(opt.param_groups[0]['lr'])
@@ -32,17 +32,21 @@ def _torch_onecycle_values(total_steps: int, pct_start: float, peak_lr: float):
   return np.array(lrs), np.array(beta1s)
 
 
-@pytest.mark.parametrize('total_steps,pct_start', [
+@pytest.mark.parametrize(
+  'total_steps,pct_start',
+  [
     (50, 0.2),  # boundary 9.0 on an integer step
     (7, 0.2),  # boundary 0.4: between steps
     (37, 0.3),  # boundary 10.1
     (25640, 0.2),  # 40 epochs x 641 steps: float32 accuracy near min_lr over a real run
-])
+  ],
+)
 def test_schedules_match_torch_onecycle(total_steps, pct_start):
   peak_lr = 2e-4
   want_lr, want_beta1 = _torch_onecycle_values(total_steps, pct_start, peak_lr)
   lr_fn, beta1_fn = optim.onecycle_schedules(
-      total_steps=total_steps, peak_lr=peak_lr, pct_start=pct_start)
+    total_steps=total_steps, peak_lr=peak_lr, pct_start=pct_start
+  )
   steps = jnp.arange(total_steps + 1)
   got_lr, got_beta1 = jax.jit(lambda k: (lr_fn(k), beta1_fn(k)))(steps)
   np.testing.assert_allclose(np.asarray(got_lr), want_lr, rtol=1e-6, atol=0)
@@ -70,11 +74,15 @@ def test_schedule_rejects_bad_settings():
 
 def _problem(rng: np.random.Generator) -> dict:
   return {
-      'conv': {'kernel': rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
-      'dense': {'kernel': rng.normal(size=(5, 3)).astype(np.float32),
-                'bias': rng.normal(size=(3,)).astype(np.float32)},
-      'bn': {'scale': (1 + 0.1 * rng.normal(size=(4,))).astype(np.float32),
-             'bias': rng.normal(size=(4,)).astype(np.float32)},
+    'conv': {'kernel': rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+    'dense': {
+      'kernel': rng.normal(size=(5, 3)).astype(np.float32),
+      'bias': rng.normal(size=(3,)).astype(np.float32),
+    },
+    'bn': {
+      'scale': (1 + 0.1 * rng.normal(size=(4,))).astype(np.float32),
+      'bias': rng.normal(size=(4,)).astype(np.float32),
+    },
   }
 
 
@@ -84,19 +92,24 @@ def test_full_run_matches_torch_adam_onecycle():
   params = _problem(rng)
   # Gradient scales from 1e-9 to 10 per step: the moments and, at the small end, the placement
   # of eps (added to sqrt(v_hat), not inside the square root) decide the result.
-  grads = [jax.tree.map(lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-9, 1))
-                        .astype(np.float32), params) for _ in range(total_steps)]
+  grads = [
+    jax.tree.map(
+      lambda p: (rng.normal(size=p.shape) * 10.0 ** rng.uniform(-9, 1)).astype(np.float32), params
+    )
+    for _ in range(total_steps)
+  ]
 
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   leaves = jax.tree.leaves(params)
   t_params = [torch.nn.Parameter(torch.tensor(x)) for x in leaves]
   groups = [
-      {'params': [p for p, x in zip(t_params, leaves) if x.ndim > 1], 'weight_decay': wd},
-      {'params': [p for p, x in zip(t_params, leaves) if x.ndim <= 1], 'weight_decay': 0.0},
+    {'params': [p for p, x in zip(t_params, leaves) if x.ndim > 1], 'weight_decay': wd},
+    {'params': [p for p, x in zip(t_params, leaves) if x.ndim <= 1], 'weight_decay': 0.0},
   ]
   t_opt = torch.optim.Adam(groups, lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
   t_sched = torch.optim.lr_scheduler.OneCycleLR(
-      t_opt, max_lr=peak_lr, total_steps=total_steps, pct_start=0.2)
+    t_opt, max_lr=peak_lr, total_steps=total_steps, pct_start=0.2
+  )
 
   tx = optim.make_optimizer(total_steps=total_steps, peak_lr=peak_lr, weight_decay=wd, **RECIPE)
   j_params = jax.tree.map(jnp.asarray, params)
@@ -123,8 +136,9 @@ def test_full_run_matches_torch_adam_onecycle():
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=path)
       # The displacement from the start is the optimiser's own work: check it tightly too
       # (atol: a few float32 ulps of the O(1) weights it is the difference of).
-      np.testing.assert_allclose(np.asarray(got) - init, want - init, rtol=1e-4, atol=5e-7,
-                                 err_msg=path)
+      np.testing.assert_allclose(
+        np.asarray(got) - init, want - init, rtol=1e-4, atol=5e-7, err_msg=path
+      )
 
 
 def test_weight_decay_only_on_kernels():
@@ -141,8 +155,10 @@ def test_weight_decay_only_on_kernels():
   # First Adam step on gradient wd * w moves each weight by lr * sign(w) towards zero
   # (m_hat / sqrt(v_hat) = g / |g|), with lr = peak_lr / div_factor at step 0.
   lr0 = peak_lr / RECIPE['div_factor']
-  for got, old in ((new['conv']['kernel'], params['conv']['kernel']),
-                   (new['dense']['kernel'], params['dense']['kernel'])):
+  for got, old in (
+    (new['conv']['kernel'], params['conv']['kernel']),
+    (new['dense']['kernel'], params['dense']['kernel']),
+  ):
     g = wd * np.asarray(old)
     want = np.asarray(old) - lr0 * g / (np.abs(g) + 1e-8)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
@@ -168,10 +184,14 @@ def test_nnx_state_under_jit():
 
 
 def test_ema_update_hand_example():
-  ema = {'w': jnp.array([1.0, 2.0]), 'bn': {'mean': jnp.array([0.5], jnp.float32),
-                                            'count': jnp.array(3, jnp.int32)}}
-  new = {'w': jnp.array([3.0, -2.0]), 'bn': {'mean': jnp.array([1.5], jnp.float32),
-                                             'count': jnp.array(7, jnp.int32)}}
+  ema = {
+    'w': jnp.array([1.0, 2.0]),
+    'bn': {'mean': jnp.array([0.5], jnp.float32), 'count': jnp.array(3, jnp.int32)},
+  }
+  new = {
+    'w': jnp.array([3.0, -2.0]),
+    'bn': {'mean': jnp.array([1.5], jnp.float32), 'count': jnp.array(7, jnp.int32)},
+  }
   out = jax.jit(optim.ema_update)(ema, new, 0.75)
   # 0.75 * 1 + 0.25 * 3 = 1.5; 0.75 * 2 + 0.25 * -2 = 1.0; 0.75 * 0.5 + 0.25 * 1.5 = 0.75.
   np.testing.assert_allclose(out['w'], [1.5, 1.0], rtol=1e-7)
@@ -182,4 +202,4 @@ def test_ema_update_hand_example():
   tree = {'w': jnp.zeros(())}
   for _ in range(50):
     tree = optim.ema_update(tree, {'w': jnp.ones(())}, 0.9997)
-  assert float(tree['w']) == pytest.approx(1 - 0.9997 ** 50, rel=1e-4)
+  assert float(tree['w']) == pytest.approx(1 - 0.9997**50, rel=1e-4)

@@ -14,11 +14,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import synthetic
-from kmcl_jax import evaluate
-from kmcl_jax import experiment
-from kmcl_jax import export as export_lib
-from kmcl_jax import predict
-from kmcl_jax import train
+from kmcl_jax import evaluate, experiment, export as export_lib, predict, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 5
@@ -49,13 +45,31 @@ def smoke_run(tmp_path_factory):
 def test_command_predicts_every_readable_image_and_names_the_corrupt_one(smoke_run):
   export_dir, folder, images = smoke_run
   result = subprocess.run(
-      [sys.executable, '-m', 'kmcl_jax.predict', f'--export={export_dir}', '--jsonl',
-       '--batch_size=4', folder], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'kmcl_jax.predict',
+      f'--export={export_dir}',
+      '--jsonl',
+      '--batch_size=4',
+      folder,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1
   assert 'broken.png' in result.stderr and '1 of 7 path(s) skipped' in result.stderr
   records = [json.loads(line) for line in result.stdout.splitlines()]
   assert sorted(os.path.basename(r['path']) for r in records) == [
-      '0.png', '1.png', '2.png', '3.png', '4.png', 'large.jpg']
+    '0.png',
+    '1.png',
+    '2.png',
+    '3.png',
+    '4.png',
+    'large.jpg',
+  ]
 
   # Same probabilities as the evaluation path on the same pixels (PNG is lossless).
   exported = export_lib.load_export(export_dir)
@@ -63,15 +77,17 @@ def test_command_predicts_every_readable_image_and_names_the_corrupt_one(smoke_r
   mean, std = exported.normalization
   by_path = {r['path']: r for r in records}
   paths = sorted(images)
-  want = evaluate.predict_step(params, stats, np.stack([images[p] for p in paths]),
-                               graphdef=graphdef, mean=mean, std=std)
+  want = evaluate.predict_step(
+    params, stats, np.stack([images[p] for p in paths]), graphdef=graphdef, mean=mean, std=std
+  )
   got = np.array([[by_path[p]['scores'][c] for c in exported.class_names] for p in paths])
   np.testing.assert_allclose(got, want, atol=1e-5)
   thresholds = exported.thresholds()
   for record in records:
     assert set(record) == {'path', 'labels', 'scores', 'variance'}
-    assert record['labels'] == [c for c, t in zip(exported.class_names, thresholds)
-                                if record['scores'][c] >= t]
+    assert record['labels'] == [
+      c for c, t in zip(exported.class_names, thresholds) if record['scores'][c] >= t
+    ]
     # var = ELU(.) + 2 + eps >= 1 (kmm.py); isotropic Bhattacharyya: one per class.
     assert all(v >= 1.0 for v in record['variance'].values())
 
@@ -87,19 +103,26 @@ def test_tuned_thresholds_are_used_and_the_flag_overrides_them(smoke_run, tmp_pa
   export_lib.write_model_info(tuned_dir, dict(info, thresholds=thresholds.tolist()))
 
   out, err = io.StringIO(), io.StringIO()
-  status = predict.predict_paths(tuned_dir, [folder], jsonl=True, threshold=None,
-                                 batch_size=8, out=out, err=err)
+  status = predict.predict_paths(
+    tuned_dir, [folder], jsonl=True, threshold=None, batch_size=8, out=out, err=err
+  )
   assert status == 1 and 'broken.png' in err.getvalue()
   records = [json.loads(line) for line in out.getvalue().splitlines()]
   names = list(records[0]['scores'])
   for record in records:
-    assert record['labels'] == [c for c, t in zip(names, thresholds)
-                                if record['scores'][c] >= t]
+    assert record['labels'] == [c for c, t in zip(names, thresholds) if record['scores'][c] >= t]
     assert names[0] in record['labels'] and names[9] not in record['labels']
 
   out = io.StringIO()
-  predict.predict_paths(tuned_dir, [os.path.join(folder, 'sub')], jsonl=False,
-                        threshold=0.0, batch_size=8, out=out, err=io.StringIO())
+  predict.predict_paths(
+    tuned_dir,
+    [os.path.join(folder, 'sub')],
+    jsonl=False,
+    threshold=0.0,
+    batch_size=8,
+    out=out,
+    err=io.StringIO(),
+  )
   line = out.getvalue().strip()
   assert line.startswith(os.path.join(folder, 'sub', '0.png')) and line.count('p=') == 10
 
@@ -108,21 +131,39 @@ def test_missing_path_is_skipped_with_status_one(smoke_run, tmp_path):
   export_dir, folder, _ = smoke_run
   err = io.StringIO()
   status = predict.predict_paths(
-      export_dir, [os.path.join(folder, 'sub'), str(tmp_path / 'nothing')], jsonl=True,
-      threshold=None, batch_size=2, out=io.StringIO(), err=err)
+    export_dir,
+    [os.path.join(folder, 'sub'), str(tmp_path / 'nothing')],
+    jsonl=True,
+    threshold=None,
+    batch_size=2,
+    out=io.StringIO(),
+    err=err,
+  )
   assert status == 1 and 'nothing: no such file or folder' in err.getvalue()
-  assert predict.predict_paths(export_dir, [os.path.join(folder, 'sub')], jsonl=True,
-                               threshold=None, batch_size=2, out=io.StringIO(),
-                               err=io.StringIO()) == 0
+  assert (
+    predict.predict_paths(
+      export_dir,
+      [os.path.join(folder, 'sub')],
+      jsonl=True,
+      threshold=None,
+      batch_size=2,
+      out=io.StringIO(),
+      err=io.StringIO(),
+    )
+    == 0
+  )
 
 
-@pytest.mark.parametrize('shape,want', [
-    ((2, 3), [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),           # bhattacharyya isotropic
-    ((2, 3, 2), [[1.5, 3.5, 5.5], [7.5, 9.5, 11.5]]),        # bhattacharyya anisotropic
-    ((2, 1, 3), [[2.0] * 3, [5.0] * 3]),                      # mahalanobis (shared)
-    ((2, 1), [[1.0] * 3, [2.0] * 3]),                         # gaussian isotropic
-    ((2, 1, 1), [[1.0] * 3, [2.0] * 3]),                      # gaussian anisotropic
-])
+@pytest.mark.parametrize(
+  'shape,want',
+  [
+    ((2, 3), [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),  # bhattacharyya isotropic
+    ((2, 3, 2), [[1.5, 3.5, 5.5], [7.5, 9.5, 11.5]]),  # bhattacharyya anisotropic
+    ((2, 1, 3), [[2.0] * 3, [5.0] * 3]),  # mahalanobis (shared)
+    ((2, 1), [[1.0] * 3, [2.0] * 3]),  # gaussian isotropic
+    ((2, 1, 1), [[1.0] * 3, [2.0] * 3]),  # gaussian anisotropic
+  ],
+)
 def test_per_class_variance_of_every_kmm_shape(shape, want):
   var = jnp.arange(1.0, 1.0 + np.prod(shape)).reshape(shape)
   np.testing.assert_allclose(predict.per_class_variance(var, 3), want)

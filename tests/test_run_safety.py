@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import data_fixtures as fx
 import grain
 import jax
 import jax.numpy as jnp
@@ -17,16 +18,16 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import data_fixtures as fx
-from configs import base as base_config
-from configs import synthetic, voc
-from kmcl_jax import checkpoint as checkpoint_lib
-from kmcl_jax import evaluate as evaluate_lib
-from kmcl_jax import experiment
-from kmcl_jax import losses
-from kmcl_jax import metrics as metrics_lib
-from kmcl_jax import train
-from kmcl_jax import workdir as workdir_lib
+from configs import base as base_config, synthetic, voc
+from kmcl_jax import (
+  checkpoint as checkpoint_lib,
+  evaluate as evaluate_lib,
+  experiment,
+  losses,
+  metrics as metrics_lib,
+  train,
+  workdir as workdir_lib,
+)
 from kmcl_jax.data import get_source, pipeline
 from kmcl_jax.writer import MetricWriter
 
@@ -90,8 +91,11 @@ def test_deliberate_changes_need_the_flag_and_are_recorded(tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['num_train_steps'] == 3
   assert workdir_lib.check_config(workdir, longer, allow_change=False) == {}
   # Operational settings change without the flag.
-  assert set(workdir_lib.check_config(workdir, _smoke(num_train_steps=10, log_every_steps=7),
-                                      allow_change=False)) == {'log_every_steps'}
+  assert set(
+    workdir_lib.check_config(
+      workdir, _smoke(num_train_steps=10, log_every_steps=7), allow_change=False
+    )
+  ) == {'log_every_steps'}
 
 
 def test_checkpoints_without_a_record_are_refused(tmp_path):
@@ -179,8 +183,9 @@ def test_failed_save_stops_with_path_and_cause_and_keeps_the_previous(tmp_path, 
   assert int(ckpt.resume(state, data, fallback=False)['step']) == 1
   ckpt.close()
   # orbax reports a failed background write as a long tensorstore message: the cause is kept.
-  cause = checkpoint_lib._cause(ValueError(
-      'RESOURCE_EXHAUSTED: Error writing "a/0" ... [os_error_code=\'28\']'))
+  cause = checkpoint_lib._cause(
+    ValueError('RESOURCE_EXHAUSTED: Error writing "a/0" ... [os_error_code=\'28\']')
+  )
   assert cause == 'No space left on device'
 
 
@@ -230,8 +235,16 @@ def test_train_stream_without_a_batch_of_readable_images_ends(tmp_path):
   for name in os.listdir(images):  # exist and non-empty (preflight passes), but not images
     (images / name).write_bytes(b'not a jpeg')
   src = get_source('voc2007', root=str(tmp_path / 'data'), split='trainval')
-  it = pipeline.train_iterator(src, batch_size=4, image_size=16, augment='none', seed=0,
-                               shard_index=0, shard_count=1, skip_unreadable=True)
+  it = pipeline.train_iterator(
+    src,
+    batch_size=4,
+    image_size=16,
+    augment='none',
+    seed=0,
+    shard_index=0,
+    shard_count=1,
+    skip_unreadable=True,
+  )
   outcome = []
 
   def read():
@@ -248,11 +261,20 @@ def test_train_stream_without_a_batch_of_readable_images_ends(tmp_path):
   assert '0 readable record(s) of 24' in str(outcome[0])
 
 
-@pytest.mark.parametrize('key,value', [
-    ('optim.peak_lr', -1e-3), ('checkpoint_every_steps', 0), ('log_every_steps', 0),
-    ('eval_every_epochs', 0.0), ('ema_decay', 1.0), ('optim.pct_start', 1.5),
-    ('eval.threshold', 1.0), ('loss.temperature', 0.0), ('dataset.holdout_fraction', 0.0),
-])
+@pytest.mark.parametrize(
+  'key,value',
+  [
+    ('optim.peak_lr', -1e-3),
+    ('checkpoint_every_steps', 0),
+    ('log_every_steps', 0),
+    ('eval_every_epochs', 0.0),
+    ('ema_decay', 1.0),
+    ('optim.pct_start', 1.5),
+    ('eval.threshold', 1.0),
+    ('loss.temperature', 0.0),
+    ('dataset.holdout_fraction', 0.0),
+  ],
+)
 def test_settings_out_of_range_are_config_errors(key, value):
   with pytest.raises(experiment.ConfigError, match=f'{key}={value!r} must be'):
     experiment.validate_config(_smoke(**{key: value}))
@@ -265,7 +287,7 @@ def test_full_run_counts_skipped_images_and_moves_the_ema(tmp_path, monkeypatch)
   config.num_train_steps = 2
   config.ema_decay = 0.5  # large moves, so that an EMA stuck at its start shows
   (images / '000003.jpg').write_bytes(b'corrupt')  # trainval: fails to decode
-  os.remove(images / '000102.jpg')                  # test: missing (preflight drops it)
+  os.remove(images / '000102.jpg')  # test: missing (preflight drops it)
   (images / '000106.jpg').write_bytes(b'corrupt')  # test: fails to decode (masked out)
   first_step = []
   real_loop = train._train_loop
@@ -287,8 +309,9 @@ def test_full_run_counts_skipped_images_and_moves_the_ema(tmp_path, monkeypatch)
   old, new = first_step[0]
   for ema, live in (('ema_params', 'params'), ('ema_batch_stats', 'batch_stats')):
     expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, old[ema], new[live])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 new[ema], expected)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new[ema], expected
+    )
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), new[ema], old[ema]))
     assert any(moved), ema
   saved = json.load(open(workdir / 'results.json'))
@@ -336,14 +359,20 @@ def test_lock_refuses_a_second_run_and_recognises_a_stale_one(tmp_path):
 def test_user_errors_are_one_line_on_stderr_and_debug_shows_the_traceback(tmp_path):
   not_a_dir = tmp_path / 'file'
   not_a_dir.write_text('x')
-  command = [sys.executable, '-m', 'kmcl_jax.main', '--config=configs/synthetic.py:smoke',
-             f'--workdir={not_a_dir}']
+  command = [
+    sys.executable,
+    '-m',
+    'kmcl_jax.main',
+    '--config=configs/synthetic.py:smoke',
+    f'--workdir={not_a_dir}',
+  ]
   quiet = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO)
   assert quiet.returncode != 0
   assert f'workdir {not_a_dir} is a file' in quiet.stderr.splitlines()[-1]
   assert 'Traceback' not in quiet.stderr
-  debug = subprocess.run(command + ['--debug'], capture_output=True, text=True, timeout=180,
-                         cwd=REPO)
+  debug = subprocess.run(
+    command + ['--debug'], capture_output=True, text=True, timeout=180, cwd=REPO
+  )
   assert debug.returncode != 0 and 'Traceback' in debug.stderr
 
 
@@ -367,8 +396,9 @@ class _OneHot:
 
 def test_augmentation_of_a_record_differs_between_epochs():
   src = _OneHot(8)
-  it = pipeline.train_iterator(src, batch_size=8, image_size=32, augment='randaugment', seed=0,
-                               shard_index=0, shard_count=1)
+  it = pipeline.train_iterator(
+    src, batch_size=8, image_size=32, augment='randaugment', seed=0, shard_index=0, shard_count=1
+  )
   epochs = []
   for _ in range(2):  # one batch = one epoch
     batch = next(it)
@@ -385,29 +415,51 @@ class _Difficult:
   labels = np.array([[1, 0], [0, 1], [1, 0], [0, 0], [0, 1], [1, 1], [0, 0], [0, 1]], np.float32)
   difficult = np.zeros((8, 2), bool)
   difficult[1, 0] = True
-  scores = np.array([[.6, .2], [.9, .8], [.7, .1], [.3, .4], [.2, .7], [.5, .9], [.1, .3],
-                     [.4, .6]], np.float32)
+  scores = np.array(
+    [
+      [0.6, 0.2],
+      [0.9, 0.8],
+      [0.7, 0.1],
+      [0.3, 0.4],
+      [0.2, 0.7],
+      [0.5, 0.9],
+      [0.1, 0.3],
+      [0.4, 0.6],
+    ],
+    np.float32,
+  )
 
   def __len__(self):
     return 8
 
   def __getitem__(self, i):
     image = np.full((8, 8, 3), i, np.uint8)
-    return {'image': image, 'labels': self.labels[i], 'difficult': self.difficult[i],
-            'id': str(i)}
+    return {'image': image, 'labels': self.labels[i], 'difficult': self.difficult[i], 'id': str(i)}
 
 
 def test_evaluation_keeps_voc_difficult_flags_up_to_the_metrics():
   src = _Difficult()
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   sharding = NamedSharding(mesh, P('data'))
   table = jnp.asarray(src.scores)
-  predict = jax.jit(lambda params, stats, images: table[images[:, 0, 0, 0].astype(jnp.int32)],
-                    out_shardings=sharding)
-  report = evaluate_lib.evaluate(predict, {'m': (None, None)}, src, data_sharding=sharding,
-                                 batch_size=8, image_size=8, threshold=0.5, top_k=1,
-                                 with_auc=False, class_names=src.class_names)['m']
+  predict = jax.jit(
+    lambda params, stats, images: table[images[:, 0, 0, 0].astype(jnp.int32)],
+    out_shardings=sharding,
+  )
+  report = evaluate_lib.evaluate(
+    predict,
+    {'m': (None, None)},
+    src,
+    data_sharding=sharding,
+    batch_size=8,
+    image_size=8,
+    threshold=0.5,
+    top_k=1,
+    with_auc=False,
+    class_names=src.class_names,
+  )['m']
   kw = dict(threshold=0.5, top_k=1, class_names=src.class_names)
   want = metrics_lib.evaluation_report(src.scores, src.labels, difficult=src.difficult, **kw)
   blind = metrics_lib.evaluation_report(src.scores, src.labels, **kw)
@@ -424,9 +476,11 @@ def test_asl_focusing_weights_are_detached_by_default():
 
   def grad(config):
     config = dataclasses.replace(config, asl_only=True, asl_gamma_pos=1.0)
-    return jax.grad(lambda x: losses.kmcl_objective(
-        features=jnp.zeros((4, 8)), head={'pi_logits': x}, labels=labels, config=config)[0])(
-            logits)
+    return jax.grad(
+      lambda x: losses.kmcl_objective(
+        features=jnp.zeros((4, 8)), head={'pi_logits': x}, labels=labels, config=config
+      )[0]
+    )(logits)
 
   detached = grad(losses.LossConfig(asl_detach_focusing=True))
   assert not np.allclose(detached, grad(losses.LossConfig(asl_detach_focusing=False)))

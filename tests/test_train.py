@@ -14,9 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
-from kmcl_jax import experiment
-from kmcl_jax import losses
-from kmcl_jax import train
+from kmcl_jax import experiment, losses, train
 
 
 def _config(**changes):
@@ -32,7 +30,8 @@ def _config(**changes):
 
 def _latest_params(workdir, step):
   state = ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'checkpoints', 'latest', str(step), 'state'))
+    os.path.join(workdir, 'checkpoints', 'latest', str(step), 'state')
+  )
   return state['params'], state['step']
 
 
@@ -44,20 +43,28 @@ def test_smoke_run_writes_every_output(tmp_path):
   config = json.load(open(os.path.join(workdir, 'config.json')))
   assert config['dataset']['name'] == 'synthetic' and config['batch_size'] == 8
 
-  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  train_lines = [l for l in lines if 'train/loss' in l]
-  assert [l['step'] for l in train_lines] == [1, 2, 3]
-  for key in ('train/loss', 'train/rec', 'train/asl', 'train/kmcl', 'train/learning_rate',
-              'train/grad_norm', 'train/skipped_steps'):
-    assert all(np.isfinite(l[key]) for l in train_lines), key
+  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_lines = [line for line in lines if 'train/loss' in line]
+  assert [line['step'] for line in train_lines] == [1, 2, 3]
+  for key in (
+    'train/loss',
+    'train/rec',
+    'train/asl',
+    'train/kmcl',
+    'train/learning_rate',
+    'train/grad_norm',
+    'train/skipped_steps',
+  ):
+    assert all(np.isfinite(line[key]) for line in train_lines), key
   # The first step compiles: timed apart, and kept out of images/s.
   assert train_lines[0]['train/first_step_seconds'] > 0
   assert 'train/images_per_sec' not in train_lines[0]
-  assert all(l['train/images_per_sec'] > 0 for l in train_lines[1:])
-  eval_lines = [l for l in lines if 'eval/model/mAP' in l]
+  assert all(line['train/images_per_sec'] > 0 for line in train_lines[1:])
+  eval_lines = [line for line in lines if 'eval/model/mAP' in line]
   assert eval_lines and 0 <= eval_lines[-1]['eval/ema/mAP'] <= 100
-  assert any(f.startswith('events.out.tfevents')
-             for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert any(
+    f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard'))
+  )
 
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['3']
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'best')) == ['3']
@@ -107,10 +114,12 @@ def test_restart_continues_like_an_uninterrupted_run(tmp_path, monkeypatch):
   got, step_b = _latest_params(resumed, 4)
   assert int(step_a) == int(step_b) == 4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), want, got)
-  losses_a = [json.loads(l).get('train/loss') for l in open(os.path.join(straight,
-                                                                         'metrics.jsonl'))]
-  losses_b = [json.loads(l).get('train/loss') for l in open(os.path.join(resumed,
-                                                                         'metrics.jsonl'))]
+  losses_a = [
+    json.loads(line).get('train/loss') for line in open(os.path.join(straight, 'metrics.jsonl'))
+  ]
+  losses_b = [
+    json.loads(line).get('train/loss') for line in open(os.path.join(resumed, 'metrics.jsonl'))
+  ]
   assert [x for x in losses_a if x] == pytest.approx([x for x in losses_b if x], rel=1e-6)
 
 
@@ -119,13 +128,21 @@ def _step_fixture(config):
   optimizer = experiment.make_optimizer(config, 10)
   abstract = nnx.eval_shape(model_fn)
   abstract.train()
-  step = functools.partial(train.train_step, graphdef=nnx.graphdef(abstract),
-                           optimizer=optimizer, loss_config=losses.LossConfig(),
-                           ema_decay=0.9, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  step = functools.partial(
+    train.train_step,
+    graphdef=nnx.graphdef(abstract),
+    optimizer=optimizer,
+    loss_config=losses.LossConfig(),
+    ema_decay=0.9,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+  )
   state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer))()
   rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
-           'labels': (rng.random((8, 10)) < 0.3).astype(np.float32)}
+  batch = {
+    'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+    'labels': (rng.random((8, 10)) < 0.3).astype(np.float32),
+  }
   return state, step, batch
 
 
@@ -133,8 +150,7 @@ def test_one_device_and_eight_devices_give_the_same_step():
   state, step, batch = _step_fixture(_config())
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = jax.sharding.Mesh(np.array(devices), ('data',),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     placed_state = jax.device_put(state, replicated)
     placed_batch = jax.device_put(batch, sharded)
@@ -143,10 +159,12 @@ def test_one_device_and_eight_devices_give_the_same_step():
   (params_1, stats_1, metrics_1), (params_8, stats_8, metrics_8) = results
   # Tolerance: the 8-device run sums the batch statistics and gradients in another order.
   np.testing.assert_allclose(metrics_1['loss'], metrics_8['loss'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_1, params_8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               stats_1, stats_8)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), stats_1, stats_8
+  )
 
 
 def test_non_finite_batch_leaves_the_state_unchanged():
@@ -159,11 +177,14 @@ def test_non_finite_batch_leaves_the_state_unchanged():
   assert int(new_state['skipped']) == 1 and int(good_state['skipped']) == 0
   assert int(new_state['step']) == 2
   for key in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(good_state[key]),
-                 jax.device_get(new_state[key]))
+    jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(good_state[key]), jax.device_get(new_state[key])
+    )
 
 
-@pytest.mark.parametrize('changes,message', [
+@pytest.mark.parametrize(
+  'changes,message',
+  [
     ({'dataset.name': 'imagenet'}, 'dataset.name'),
     ({'model.image_size': 100}, 'multiple of 32'),
     ({'batch_size': 12}, 'device count'),
@@ -174,7 +195,8 @@ def test_non_finite_batch_leaves_the_state_unchanged():
     ({'model.dtype': 'float16'}, 'model.dtype'),
     ({'loss.variant': 'authors'}, 'variant'),
     ({'model.kind': 'gaussian'}, 'model.kind'),
-])
+  ],
+)
 def test_config_errors_fail_before_compiling(changes, message, tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled before the check'))
   with pytest.raises(ValueError, match=message):
@@ -184,18 +206,18 @@ def test_config_errors_fail_before_compiling(changes, message, tmp_path, monkeyp
 @pytest.fixture(scope='module')
 def converted_smoke_encoder(tmp_path_factory):
   """A timm TResNet in the smoke config's layout, converted by `kmcl_jax.convert`."""
+  import timm_reference
   from safetensors.numpy import save_file
 
-  import timm_reference
   from kmcl_jax import convert
 
   layout = dict(layers=(1, 1, 1, 1), width_factor=0.125)
-  model = timm_reference.timm_tresnet(seed=3, num_classes=1000, **dict(layout,
-                                                                       layers=[1, 1, 1, 1]))
+  model = timm_reference.timm_tresnet(seed=3, num_classes=1000, **dict(layout, layers=[1, 1, 1, 1]))
   root = tmp_path_factory.mktemp('weights')
   save_file(timm_reference.state_dict_numpy(model), str(root / 'tiny.safetensors'))
-  convert.convert(root / 'tiny.safetensors', root / 'converted', 'tresnet_m', source='timm',
-                  **layout)
+  convert.convert(
+    root / 'tiny.safetensors', root / 'converted', 'tresnet_m', source='timm', **layout
+  )
   return str(root / 'converted'), timm_reference.state_dict_numpy(model)
 
 
@@ -204,22 +226,25 @@ def test_init_from_loads_the_converted_encoder(converted_smoke_encoder):
   config = _config(init_from=path)
   model_fn = functools.partial(experiment.create_model, config, 10, 0)
   optimizer = experiment.make_optimizer(config, 10)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   state = jax.jit(functools.partial(experiment.init_state, model_fn, optimizer))()
   state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-  loaded = train._load_init_from(config, state, nnx.graphdef(nnx.eval_shape(model_fn)),
-                                 optimizer, state_sharding)
+  loaded = train._load_init_from(
+    config, state, nnx.graphdef(nnx.eval_shape(model_fn)), optimizer, state_sharding
+  )
   # The stem conv, OIHW in torch, HWIO here; the EMA starts from the same weights.
   stem = torch_state['body.conv1.conv.weight'].transpose(2, 3, 1, 0)
   for key in ('params', 'ema_params'):
     np.testing.assert_array_equal(loaded[key]['encoder']['conv1']['conv']['kernel'], stem)
-  np.testing.assert_array_equal(loaded['batch_stats']['encoder']['conv1']['bn']['mean'],
-                                torch_state['body.conv1.bn.running_mean'])
+  np.testing.assert_array_equal(
+    loaded['batch_stats']['encoder']['conv1']['bn']['mean'],
+    torch_state['body.conv1.bn.running_mean'],
+  )
 
 
-def test_init_from_mismatch_fails_before_compiling(converted_smoke_encoder, tmp_path,
-                                                   monkeypatch):
+def test_init_from_mismatch_fails_before_compiling(converted_smoke_encoder, tmp_path, monkeypatch):
   path, _ = converted_smoke_encoder
   monkeypatch.setattr(jax, 'jit', lambda *a, **k: pytest.fail('compiled before the check'))
   config = _config(init_from=path)
@@ -239,26 +264,39 @@ def test_bfloat16_compute_keeps_float32_state_and_losses():
   assert int(new_state['skipped']) == 0
 
 
-@pytest.mark.parametrize('flag,message,traceback', [
+@pytest.mark.parametrize(
+  'flag,message,traceback',
+  [
     # ml_collections rejects an unknown key while parsing flags: one line, with the suggestion.
     ('--config.model.imagesize=64', 'Did you mean "image_size"', False),
     ('--config.model.image_size=100', 'config error: model.image_size=100', False),
-])
+  ],
+)
 def test_command_line_rejects_bad_settings(flag, message, traceback, tmp_path):
   import subprocess
   import sys
+
   result = subprocess.run(
-      [sys.executable, '-m', 'kmcl_jax.main', '--config=configs/synthetic.py:smoke',
-       f'--workdir={tmp_path}', flag], capture_output=True, text=True, timeout=120,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      '-m',
+      'kmcl_jax.main',
+      '--config=configs/synthetic.py:smoke',
+      f'--workdir={tmp_path}',
+      flag,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert result.returncode != 0
   assert message in result.stderr
   assert ('Traceback' in result.stderr) == traceback
 
 
 def test_export_loads_back_and_predicts_like_the_trainer(tmp_path):
-  from kmcl_jax import evaluate as evaluate_lib
-  from kmcl_jax import export as export_lib
+  from kmcl_jax import evaluate as evaluate_lib, export as export_lib
   from kmcl_jax.data import pipeline
 
   workdir = str(tmp_path / 'run')
@@ -272,17 +310,26 @@ def test_export_loads_back_and_predicts_like_the_trainer(tmp_path):
   batch = next(iter(pipeline.eval_batches(test_src, batch_size=8, image_size=64)))
   mean, std = exported.normalization
   graphdef, params, stats = nnx.split(exported.model, nnx.Param, nnx.BatchStat)
-  probs = evaluate_lib.predict_step(params, stats, batch['image'], graphdef=graphdef,
-                                    mean=mean, std=std)
+  probs = evaluate_lib.predict_step(
+    params, stats, batch['image'], graphdef=graphdef, mean=mean, std=std
+  )
   assert probs.shape == (8, 10) and np.all((probs >= 0) & (probs <= 1))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   sharding = NamedSharding(mesh, P('data'))
   report = evaluate_lib.evaluate(
-      evaluate_lib.make_predict_fn(graphdef, mean=mean, std=std, data_sharding=sharding),
-      {'export': (params, stats)}, test_src, data_sharding=sharding, batch_size=8,
-      image_size=64, threshold=config.eval.threshold, top_k=3, with_auc=False,
-      class_names=exported.class_names)['export']
+    evaluate_lib.make_predict_fn(graphdef, mean=mean, std=std, data_sharding=sharding),
+    {'export': (params, stats)},
+    test_src,
+    data_sharding=sharding,
+    batch_size=8,
+    image_size=64,
+    threshold=config.eval.threshold,
+    top_k=3,
+    with_auc=False,
+    class_names=exported.class_names,
+  )['export']
   chosen = results['exported_weights']
   assert chosen in ('model', 'ema')
   assert report['mAP'] == pytest.approx(results['test'][chosen]['mAP'], abs=1e-4)

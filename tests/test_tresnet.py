@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm_reference
 import torch
 from flax import nnx
 
-import timm_reference
 from kmcl_jax import convert
 from kmcl_jax.models import KMCLModel, create_encoder
 
@@ -90,16 +90,20 @@ def test_running_statistics_update_matches_torch_momentum():
   nnx.update(encoder, state)
   # Running means follow torch's momentum 0.1. (Running variances differ by torch's unbiased
   # n/(n-1) factor, 1.0006 for a 32x7x7 map at 224 px; Flax keeps the biased variance.)
-  for torch_bn, flax_bn in ((torch_model.body.conv1.bn, encoder.conv1.bn),
-                            (torch_model.body.layer4[0].conv3.bn, encoder.layer4[0].conv3.bn)):
-    np.testing.assert_allclose(flax_bn.mean.get_value(), torch_bn.running_mean.numpy(),
-                               rtol=1e-4, atol=1e-5)
+  for torch_bn, flax_bn in (
+    (torch_model.body.conv1.bn, encoder.conv1.bn),
+    (torch_model.body.layer4[0].conv3.bn, encoder.layer4[0].conv3.bn),
+  ):
+    np.testing.assert_allclose(
+      flax_bn.mean.get_value(), torch_bn.running_mean.numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_v2_bottleneck_layout_parity():
   """L-V2 uses Bottlenecks in stages 1-2 and a stride-1 projection shortcut in stage 1."""
-  reference = timm_reference.timm_tresnet(None, seed=3, layers=[1, 2, 1, 1], width_factor=0.5,
-                                          v2=True)
+  reference = timm_reference.timm_tresnet(
+    None, seed=3, layers=[1, 2, 1, 1], width_factor=0.5, v2=True
+  )
   encoder = _imported('tresnet_v2_l', reference, layers=(1, 2, 1, 1), width_factor=0.5)
   assert encoder.layer1[0].downsample is not None and not encoder.layer1[0].downsample.pool
   images = _images(3, 100, seed=3)
@@ -114,9 +118,15 @@ def _param_count(module_fn) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-@pytest.mark.parametrize('name,expected', [
-    ('tresnet_m', 29_340_032), ('tresnet_l', 53_556_256), ('tresnet_xl', 75_779_244),
-    ('tresnet_v2_l', 44_125_824)])
+@pytest.mark.parametrize(
+  'name,expected',
+  [
+    ('tresnet_m', 29_340_032),
+    ('tresnet_l', 53_556_256),
+    ('tresnet_xl', 75_779_244),
+    ('tresnet_v2_l', 44_125_824),
+  ],
+)
 def test_backbone_parameter_count_equals_timm(name, expected):
   timm = timm_reference.import_timm()
   with torch.device('meta'):  # shapes only, no allocation
@@ -151,8 +161,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
 def test_feature_map_and_shapes():
   encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(5), layers=(1, 1, 1, 1), width_factor=0.25)
   assert encoder.num_features == 16 * 8 * 4
-  (pooled, feature_map), _ = _forward(encoder, _images(2, 100), train=False,
-                                      return_feature_map=True)
+  (pooled, feature_map), _ = _forward(
+    encoder, _images(2, 100), train=False, return_feature_map=True
+  )
   assert feature_map.shape == (2, 4, 4, encoder.num_features)
   np.testing.assert_allclose(pooled, feature_map.mean(axis=(1, 2)), rtol=1e-5)
   with pytest.raises(ValueError, match='multiples of 4'):
@@ -167,13 +178,14 @@ def test_train_eval_switch_batch_statistics():
   stats = lambda state: jax.tree.leaves(nnx.filter_state(state, nnx.BatchStat))
   for old, new in zip(jax.tree.leaves(before), stats(after_eval)):
     np.testing.assert_array_equal(old, new)
-  changed = [not np.allclose(old, new) for old, new in zip(jax.tree.leaves(before),
-                                                           stats(after_train))]
+  changed = [
+    not np.allclose(old, new) for old, new in zip(jax.tree.leaves(before), stats(after_train))
+  ]
   assert all(changed)
 
 
 def test_unknown_encoder_lists_valid_names():
-  with pytest.raises(ValueError, match="tresnet_m.*tresnet_v2_l.*tresnet_xl"):
+  with pytest.raises(ValueError, match='tresnet_m.*tresnet_v2_l.*tresnet_xl'):
     create_encoder('tresnet_s', rngs=nnx.Rngs(0))
 
 
@@ -191,10 +203,12 @@ def test_parity_with_timm_xl_and_v2(name):
   got, _ = _forward(encoder, images, train=False)
   assert got.shape == expected.shape == (4, encoder.num_features)
   assert np.abs(got - expected).max() <= RTOL * np.abs(expected).max()
-  expected = timm_reference.pooled_features(copy.deepcopy(reference).double(),
-                                            images.astype(np.float64), train=True)
+  expected = timm_reference.pooled_features(
+    copy.deepcopy(reference).double(), images.astype(np.float64), train=True
+  )
   with jax.enable_x64(True):
-    got, _ = _forward(_imported(name, reference, dtype=jnp.float64), images.astype(np.float64),
-                      train=True)
+    got, _ = _forward(
+      _imported(name, reference, dtype=jnp.float64), images.astype(np.float64), train=True
+    )
   assert got.dtype == np.float64
   assert np.abs(got - expected).max() <= 1e-9 * np.abs(expected).max()

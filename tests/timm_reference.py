@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 _TORCHVISION_SCHEMAS = (
-    'nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
-    'qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
+  'nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
+  'qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
 )
 _fragment = None  # keeps the schema library alive for the whole test session
 
@@ -50,6 +50,7 @@ def _define_missing_torchvision_ops() -> None:
 def import_timm():
   _define_missing_torchvision_ops()
   import timm  # pylint: disable=g-import-not-at-top
+
   return timm
 
 

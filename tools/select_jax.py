@@ -39,8 +39,12 @@ def nvidia_driver_major() -> int | None:
   """Major version of the NVIDIA driver that `nvidia-smi` reports; None without a usable GPU."""
   try:
     result = subprocess.run(
-        ['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-        capture_output=True, text=True, timeout=30, check=False)
+      ['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=False,
+    )
   except (OSError, subprocess.TimeoutExpired):
     return None
   lines = result.stdout.split()
@@ -75,8 +79,11 @@ def detect(pci_dir: str = '/sys/bus/pci/devices', dev_dir: str = '/dev') -> str:
     for build, minimum in MIN_DRIVER:
       if driver >= minimum:
         return build
-    print(f'select_jax: NVIDIA driver {driver} is older than {MIN_DRIVER[-1][1]}, which CUDA 12 '
-          'needs; installing the CPU build of JAX.', file=sys.stderr)
+    print(
+      f'select_jax: NVIDIA driver {driver} is older than {MIN_DRIVER[-1][1]}, which CUDA 12 '
+      'needs; installing the CPU build of JAX.',
+      file=sys.stderr,
+    )
   if has_tpu(pci_dir, dev_dir):
     return 'tpu'
   return 'cpu'
@@ -84,10 +91,15 @@ def detect(pci_dir: str = '/sys/bus/pci/devices', dev_dir: str = '/dev') -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('build', nargs='?', choices=sorted(BUILDS),
-                      help='print the requirement of this build instead of detecting one')
-  parser.add_argument('--name', action='store_true',
-                      help='print the build name, not the requirement')
+  parser.add_argument(
+    'build',
+    nargs='?',
+    choices=sorted(BUILDS),
+    help='print the requirement of this build instead of detecting one',
+  )
+  parser.add_argument(
+    '--name', action='store_true', help='print the build name, not the requirement'
+  )
   args = parser.parse_args(argv)
   build = args.build or detect()
   print(build if args.name else BUILDS[build])

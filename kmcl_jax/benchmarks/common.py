@@ -11,8 +11,15 @@ from flax import nnx
 SMOKE_OVERRIDES = {'width_factor': 0.125, 'layers': (1, 1, 1, 1)}
 
 
-def make_config(model: str, image_size: int, *, batch_size: int, dtype: str,
-                num_classes: int, overrides: dict | None = None):
+def make_config(
+  model: str,
+  image_size: int,
+  *,
+  batch_size: int,
+  dtype: str,
+  num_classes: int,
+  overrides: dict | None = None,
+):
   """The synthetic dataset config with the given model, size, batch and dtype."""
   from configs import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -34,8 +41,7 @@ def build_step(config, num_classes: int, *, seed: int = 0):
   from kmcl_jax import experiment, losses, train  # pylint: disable=g-import-not-at-top
   from kmcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   optimizer = experiment.make_optimizer(config, 10_000)
   model_fn = functools.partial(experiment.create_model, config, num_classes, seed)
@@ -46,13 +52,23 @@ def build_step(config, num_classes: int, *, seed: int = 0):
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init))
   state = jax.jit(init, out_shardings=state_sharding)()
   step = jax.jit(
-      functools.partial(train.train_step, graphdef=nnx.graphdef(abstract), optimizer=optimizer,
-                        loss_config=losses.LossConfig.from_mapping(config.loss.to_dict()),
-                        ema_decay=config.ema_decay, mean=mean, std=std),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+    functools.partial(
+      train.train_step,
+      graphdef=nnx.graphdef(abstract),
+      optimizer=optimizer,
+      loss_config=losses.LossConfig.from_mapping(config.loss.to_dict()),
+      ema_decay=config.ema_decay,
+      mean=mean,
+      std=std,
+    ),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
+  )
   rng = np.random.default_rng(seed)
   n, size = config.batch_size, config.model.image_size
-  batch = {'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-           'labels': (rng.random((n, num_classes)) < 0.2).astype(np.float32)}
+  batch = {
+    'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    'labels': (rng.random((n, num_classes)) < 0.2).astype(np.float32),
+  }
   batch = {k: jax.device_put(v, data) for k, v in batch.items()}
   return step, state, batch

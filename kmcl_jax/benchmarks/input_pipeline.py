@@ -32,11 +32,18 @@ _SIZES = flags.DEFINE_list('sizes', ['224', '448'], 'training image sizes')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts to measure')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'per-process batch size')
 _SECONDS = flags.DEFINE_float('seconds', 8.0, 'measuring time per configuration')
-_FAKE_VOC = flags.DEFINE_integer('fake_voc_images', 0,
-                                 'if > 0, first write this many VOC-like JPEGs under --root')
+_FAKE_VOC = flags.DEFINE_integer(
+  'fake_voc_images', 0, 'if > 0, first write this many VOC-like JPEGs under --root'
+)
 
-_TRAIN_SPLIT = {'voc2007': 'trainval', 'coco2014': 'train', 'adp': 'train',
-                'chestxray14': 'train_val', 'synthetic': 'train', 'tfds': 'train'}
+_TRAIN_SPLIT = {
+  'voc2007': 'trainval',
+  'coco2014': 'train',
+  'adp': 'train',
+  'chestxray14': 'train_val',
+  'synthetic': 'train',
+  'tfds': 'train',
+}
 
 
 def write_fake_voc(root: str, n: int, seed: int = 0) -> None:
@@ -49,13 +56,16 @@ def write_fake_voc(root: str, n: int, seed: int = 0) -> None:
   ids = [f'{i:06d}' for i in range(1, n + 1)]
   for i in ids:
     field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
-        (500, 375), Image.BICUBIC)
+      (500, 375), Image.BICUBIC
+    )
     pixels = np.asarray(field, np.int16) + rng.integers(-30, 31, (375, 500, 1), dtype=np.int16)
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-        os.path.join(base, 'JPEGImages', f'{i}.jpg'), quality=90)
+      os.path.join(base, 'JPEGImages', f'{i}.jpg'), quality=90
+    )
   with open(os.path.join(main, 'trainval.txt'), 'w') as f:
     f.write(''.join(f'{i}\n' for i in ids))
   from kmcl_jax.data.voc import CLASS_NAMES  # pylint: disable=g-import-not-at-top
+
   for name in CLASS_NAMES:
     with open(os.path.join(main, f'{name}_trainval.txt'), 'w') as f:
       f.write(''.join(f'{i} {rng.choice([-1, 1])}\n' for i in ids))
@@ -75,27 +85,47 @@ def floor_rates(source, size: int, seconds: float) -> dict[str, float]:
   """Decode + resize images/s in one thread, per decoder."""
   paths = list(getattr(source, 'paths', []))[:200]
   if not paths:  # synthetic: rendering is the decode
-    return {'render+resize': _rate(
+    return {
+      'render+resize': _rate(
         lambda i: np.asarray(Image.fromarray(source[i]['image']).resize((size, size))),
-        list(range(200)), seconds)}
-  rates = {'PIL full decode+resize': _rate(
+        list(range(200)),
+        seconds,
+      )
+    }
+  rates = {
+    'PIL full decode+resize': _rate(
       lambda p: np.asarray(Image.open(p).convert('RGB').resize((size, size), Image.BILINEAR)),
-      paths, seconds)}
+      paths,
+      seconds,
+    )
+  }
   if paths[0].lower().endswith(('.jpg', '.jpeg')):
     rates['simplejpeg full decode+resize'] = _rate(
-        lambda p: np.asarray(Image.fromarray(decode_image(p)).resize((size, size),
-                                                                     Image.BILINEAR)),
-        paths, seconds)
+      lambda p: np.asarray(Image.fromarray(decode_image(p)).resize((size, size), Image.BILINEAR)),
+      paths,
+      seconds,
+    )
     rates['simplejpeg DCT-scaled decode+resize'] = _rate(
-        lambda p: np.asarray(Image.fromarray(decode_image(p, decode_size=size)).resize(
-            (size, size), Image.BILINEAR)), paths, seconds)
+      lambda p: np.asarray(
+        Image.fromarray(decode_image(p, decode_size=size)).resize((size, size), Image.BILINEAR)
+      ),
+      paths,
+      seconds,
+    )
   return rates
 
 
 def pipeline_rate(source, *, size: int, workers: int, augment: str, seconds: float) -> float:
-  it = pipeline.train_iterator(source, batch_size=_BATCH.value, image_size=size,
-                               augment=augment, seed=0, worker_count=workers, shard_index=0,
-                               shard_count=1)
+  it = pipeline.train_iterator(
+    source,
+    batch_size=_BATCH.value,
+    image_size=size,
+    augment=augment,
+    seed=0,
+    worker_count=workers,
+    shard_index=0,
+    shard_count=1,
+  )
   for _ in range(2 + 2 * workers):  # warm-up, including worker start-up
     next(it)
   count, start = 0, time.perf_counter()
@@ -113,8 +143,10 @@ def main(argv):
     write_fake_voc(_ROOT.value, _FAKE_VOC.value)
   split = _SPLIT.value or _TRAIN_SPLIT.get(name, 'train')
   augment = 'affine' if name == 'chestxray14' else 'randaugment'
-  print(f'source={name} root={_ROOT.value} split={split} augment={augment} '
-        f'batch={_BATCH.value} cpus={os.cpu_count()}')
+  print(
+    f'source={name} root={_ROOT.value} split={split} augment={augment} '
+    f'batch={_BATCH.value} cpus={os.cpu_count()}'
+  )
   for size in map(int, _SIZES.value):
     if name == 'synthetic':
       source = get_source(name, split=split, num_examples=2000, image_size=size)
@@ -124,13 +156,13 @@ def main(argv):
     for label, rate in floor_rates(source, size, _SECONDS.value / 2).items():
       print(f'{size}px floor  {label:40s} {rate:8.1f} images/s (1 thread)')
     for workers in map(int, _WORKERS.value):
-      rate = pipeline_rate(source, size=size, workers=workers, augment=augment,
-                           seconds=_SECONDS.value)
+      rate = pipeline_rate(
+        source, size=size, workers=workers, augment=augment, seconds=_SECONDS.value
+      )
       hint = '' if name == 'synthetic' else ' decode_size=size'
       print(f'{size}px train pipeline workers={workers}{hint:18s} {rate:8.1f} images/s')
       if name != 'synthetic' and workers == 0:
-        rate = pipeline_rate(plain, size=size, workers=0, augment=augment,
-                             seconds=_SECONDS.value)
+        rate = pipeline_rate(plain, size=size, workers=0, augment=augment, seconds=_SECONDS.value)
         print(f'{size}px train pipeline workers=0 full decode     {rate:8.1f} images/s')
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from kmcl_jax import losses
 
@@ -38,11 +37,13 @@ def _inputs(n, k, m, case, seed=0):
   dim = REDUCED_DIM if case == 'anisotropic' else m
   kernel_shape = (n, k, dim) if case == 'anisotropic' else (n, k)
   labels = (rng.random((n, k)) < 3.0 / k).astype(np.float32)  # ~3 labels per image
-  return dict(features=rng.uniform(0, 1, (n, dim)).astype(np.float32),
-              pi_logits=rng.normal(0, 1, (n, k)).astype(np.float32),
-              mu=rng.uniform(0, 0.1, kernel_shape).astype(np.float32),
-              var=rng.uniform(1, 3, kernel_shape).astype(np.float32),
-              labels=labels)
+  return dict(
+    features=rng.uniform(0, 1, (n, dim)).astype(np.float32),
+    pi_logits=rng.normal(0, 1, (n, k)).astype(np.float32),
+    mu=rng.uniform(0, 0.1, kernel_shape).astype(np.float32),
+    var=rng.uniform(1, 3, kernel_shape).astype(np.float32),
+    labels=labels,
+  )
 
 
 def _objective(features, pi_logits, mu, var, labels):
@@ -53,11 +54,14 @@ def _objective(features, pi_logits, mu, var, labels):
 def _loop_objective(features, pi_logits, mu, var, labels):
   """Same value as `_objective`, with the contrastive term accumulated anchor by anchor."""
   cfg = CONFIG.resolved()
-  rec = losses.reconstruction_loss(features=features, pi_logits=pi_logits, mu=mu, var=var,
-                                   labels=labels)
+  rec = losses.reconstruction_loss(
+    features=features, pi_logits=pi_logits, mu=mu, var=var, labels=labels
+  )
   asl = losses.asl_loss(logits=pi_logits, labels=labels)
-  logits = jnp.exp(losses.pairwise_log_similarity(mu=mu, var=var,
-                                                  feature_dim=features.shape[-1])) / cfg.temperature
+  logits = (
+    jnp.exp(losses.pairwise_log_similarity(mu=mu, var=var, feature_dim=features.shape[-1]))
+    / cfg.temperature
+  )
   y = np.asarray(labels)
   n = y.shape[0]
   anchors = []
@@ -68,9 +72,9 @@ def _loop_objective(features, pi_logits, mu, var, labels):
     positive = others & ((y @ y[a]) > 0)
     if not positive.any():
       continue
-    row = jnp.take(logits, jnp.asarray(a), axis=0)                                # [N, K]
+    row = jnp.take(logits, jnp.asarray(a), axis=0)  # [N, K]
     log_denominator = jax.nn.logsumexp(jnp.where(others[:, None], row, -jnp.inf), axis=0)
-    shared = y * y[a] * positive[:, None]                                          # [N, K]
+    shared = y * y[a] * positive[:, None]  # [N, K]
     inter = shared.sum(-1)
     jaccard = np.where(positive, inter / np.maximum(y.sum(-1) + y[a].sum() - inter, 1), 0)
     terms = jnp.sum(jnp.where(shared > 0, row - log_denominator, 0.0), -1)
@@ -97,8 +101,7 @@ def run(repeats: int, max_loop_n: int) -> list[dict]:
   for case in ('isotropic', 'anisotropic'):
     for n, k, m in SIZES:
       x = _inputs(n, k, m, case)
-      args = tuple(jnp.asarray(x[key]) for key in ('features', 'pi_logits', 'mu', 'var',
-                                                   'labels'))
+      args = tuple(jnp.asarray(x[key]) for key in ('features', 'pi_logits', 'mu', 'var', 'labels'))
       compiled = jitted.lower(*args).compile()
       memory = compiled.memory_analysis()
       temp_mb = memory.temp_size_in_bytes / 2**20 if memory is not None else float('nan')
@@ -110,22 +113,33 @@ def run(repeats: int, max_loop_n: int) -> list[dict]:
         if not np.isclose(jax_value, loop_value, rtol=1e-4):
           raise RuntimeError(f'loop baseline disagrees: {loop_value} vs {jax_value}')
         loop_ms = _time(eager, args, max(1, repeats // 2))
-      row = dict(N=n, K=k, M=m, case=case, jax_ms=round(jax_ms, 3),
-                 loop_ms=None if loop_ms is None else round(loop_ms, 1),
-                 speedup=None if loop_ms is None else round(loop_ms / jax_ms, 1),
-                 temp_mb=round(temp_mb, 1))
+      row = dict(
+        N=n,
+        K=k,
+        M=m,
+        case=case,
+        jax_ms=round(jax_ms, 3),
+        loop_ms=None if loop_ms is None else round(loop_ms, 1),
+        speedup=None if loop_ms is None else round(loop_ms / jax_ms, 1),
+        temp_mb=round(temp_mb, 1),
+      )
       rows.append(row)
-      print(f"{case:12s} N={n:5d} K={k:3d} M={m:5d}  jax {jax_ms:9.2f} ms  "
-            f"loop {'-' if loop_ms is None else f'{loop_ms:10.1f}'} ms  "
-            f"speedup {'-' if loop_ms is None else f'{loop_ms / jax_ms:8.1f}'}x  "
-            f"XLA temp {temp_mb:8.1f} MiB", flush=True)
+      print(
+        f'{case:12s} N={n:5d} K={k:3d} M={m:5d}  jax {jax_ms:9.2f} ms  '
+        f'loop {"-" if loop_ms is None else f"{loop_ms:10.1f}"} ms  '
+        f'speedup {"-" if loop_ms is None else f"{loop_ms / jax_ms:8.1f}"}x  '
+        f'XLA temp {temp_mb:8.1f} MiB',
+        flush=True,
+      )
   return rows
 
 
 def main(argv):
   del argv
-  print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), '
-        f'{jax.device_count()} device(s)')
+  print(
+    f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), '
+    f'{jax.device_count()} device(s)'
+  )
   rows = run(_REPEATS.value, _MAX_LOOP_N.value)
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

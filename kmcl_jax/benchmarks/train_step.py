@@ -52,9 +52,9 @@ _JSON = flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 # Dense peak TFLOP/s per device by device_kind substring (vendor data sheets, SXM parts).
 # float32 convolutions and matmuls run as TF32 on these GPUs under JAX's default precision.
 PEAK_TFLOPS = {
-    'H200': {'bfloat16': 989.0, 'float32': 494.0},
-    'H100': {'bfloat16': 989.0, 'float32': 494.0},
-    'A100': {'bfloat16': 312.0, 'float32': 156.0},
+  'H200': {'bfloat16': 989.0, 'float32': 494.0},
+  'H100': {'bfloat16': 989.0, 'float32': 494.0},
+  'A100': {'bfloat16': 312.0, 'float32': 156.0},
 }
 
 
@@ -104,16 +104,35 @@ def _peak_memory(compiled) -> tuple[float | None, str]:
   memory = compiled.memory_analysis()
   if memory is None:
     return None, 'unknown'
-  total = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  total = (
+    memory.temp_size_in_bytes
+    + memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
   return total / 2**30, 'XLA estimate'
 
 
-def measure(model: str, image_size: int, *, batch_size: int, dtype: str, num_classes: int,
-            steps: int, warmup: int, overrides: dict | None = None) -> dict[str, Any]:
+def measure(
+  model: str,
+  image_size: int,
+  *,
+  batch_size: int,
+  dtype: str,
+  num_classes: int,
+  steps: int,
+  warmup: int,
+  overrides: dict | None = None,
+) -> dict[str, Any]:
   """One row of the table: the step alone."""
-  config = common.make_config(model, image_size, batch_size=batch_size, dtype=dtype,
-                       num_classes=num_classes, overrides=overrides)
+  config = common.make_config(
+    model,
+    image_size,
+    batch_size=batch_size,
+    dtype=dtype,
+    num_classes=num_classes,
+    overrides=overrides,
+  )
   step, state, batch = common.build_step(config, num_classes)
   compile_s, times, compiled = time_steps(step, state, batch, steps=steps, warmup=warmup)
   step_s = float(np.median(times))
@@ -130,23 +149,46 @@ def measure(model: str, image_size: int, *, batch_size: int, dtype: str, num_cla
   device_kind = jax.devices()[0].device_kind
   peak_key, peak = peak_flops(device_kind, dtype)
   memory_gib, memory_source = _peak_memory(compiled)
-  return dict(model=model, image_size=image_size, batch_size=batch_size, dtype=dtype,
-              step_ms=round(1e3 * step_s, 2), images_per_s=round(batch_size / step_s, 1),
-              compile_s=round(compile_s, 1),
-              peak_memory_gib=None if memory_gib is None else round(memory_gib, 2),
-              memory_source=memory_source, step_tflop=round(flops / 1e12, 4),
-              flops_source=flops_source, peak_card=peak_key,
-              mfu=None if peak is None else round(flops / step_s / peak, 4))
+  return dict(
+    model=model,
+    image_size=image_size,
+    batch_size=batch_size,
+    dtype=dtype,
+    step_ms=round(1e3 * step_s, 2),
+    images_per_s=round(batch_size / step_s, 1),
+    compile_s=round(compile_s, 1),
+    peak_memory_gib=None if memory_gib is None else round(memory_gib, 2),
+    memory_source=memory_source,
+    step_tflop=round(flops / 1e12, 4),
+    flops_source=flops_source,
+    peak_card=peak_key,
+    mfu=None if peak is None else round(flops / step_s / peak, 4),
+  )
 
 
-def end_to_end(model: str, image_size: int, *, batch_size: int, dtype: str, num_classes: int,
-               steps: int, workers: int, augment_device: bool,
-               overrides: dict | None = None) -> dict[str, Any]:
+def end_to_end(
+  model: str,
+  image_size: int,
+  *,
+  batch_size: int,
+  dtype: str,
+  num_classes: int,
+  steps: int,
+  workers: int,
+  augment_device: bool,
+  overrides: dict | None = None,
+) -> dict[str, Any]:
   """images/s of the whole training loop over `steps` logged steps after the first one."""
   from kmcl_jax import train  # pylint: disable=g-import-not-at-top
 
-  config = common.make_config(model, image_size, batch_size=batch_size, dtype=dtype,
-                       num_classes=num_classes, overrides=overrides)
+  config = common.make_config(
+    model,
+    image_size,
+    batch_size=batch_size,
+    dtype=dtype,
+    num_classes=num_classes,
+    overrides=overrides,
+  )
   config.dataset.options.num_examples = batch_size * (steps + 1)
   config.dataset.worker_count = workers
   config.dataset.val_split = ''
@@ -158,11 +200,20 @@ def end_to_end(model: str, image_size: int, *, batch_size: int, dtype: str, num_
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      rates = [line['train/images_per_sec'] for line in map(json.loads, f)
-               if 'train/images_per_sec' in line]
-  return dict(model=model, image_size=image_size, batch_size=batch_size, dtype=dtype,
-              workers=workers, augment_device=augment_device,
-              end_to_end_images_per_s=round(float(rates[-1]), 1))
+      rates = [
+        line['train/images_per_sec']
+        for line in map(json.loads, f)
+        if 'train/images_per_sec' in line
+      ]
+  return dict(
+    model=model,
+    image_size=image_size,
+    batch_size=batch_size,
+    dtype=dtype,
+    workers=workers,
+    augment_device=augment_device,
+    end_to_end_images_per_s=round(float(rates[-1]), 1),
+  )
 
 
 def _entries(models) -> list[tuple[str, int]]:
@@ -176,38 +227,56 @@ def _entries(models) -> list[tuple[str, int]]:
 def main(argv):
   del argv
   device_kind = jax.devices()[0].device_kind
-  print(f'device: {device_kind} ({jax.default_backend()}), {jax.device_count()} device(s), '
-        f'{os.cpu_count()} host cores')
+  print(
+    f'device: {device_kind} ({jax.default_backend()}), {jax.device_count()} device(s), '
+    f'{os.cpu_count()} host cores'
+  )
   if _SMOKE.value:
     entries, overrides, steps, warmup = [('tresnet_m', 64)], common.SMOKE_OVERRIDES, 3, 1
   else:
     entries, overrides, steps, warmup = _entries(_MODELS.value), None, _STEPS.value, _WARMUP.value
-  settings = dict(batch_size=_BATCH.value, dtype=_DTYPE.value, num_classes=_CLASSES.value,
-                overrides=overrides)
+  settings = dict(
+    batch_size=_BATCH.value, dtype=_DTYPE.value, num_classes=_CLASSES.value, overrides=overrides
+  )
   rows = []
   for name, size in entries:
     row = measure(name, size, steps=steps, warmup=warmup, **settings)
-    print(f"{name:10s} {size:4d}px b{row['batch_size']:<4d} {row['dtype']:8s} "
-          f"step {row['step_ms']:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
-          f"compile {row['compile_s']:6.1f} s  memory {row['peak_memory_gib']} GiB "
-          f"({row['memory_source']})  {row['step_tflop']} TFLOP/step ({row['flops_source']})  "
-          f"MFU {row['mfu'] if row['mfu'] is not None else '-'} "
-          f"({row['peak_card'] or 'no peak for this device'})", flush=True)
+    print(
+      f'{name:10s} {size:4d}px b{row["batch_size"]:<4d} {row["dtype"]:8s} '
+      f'step {row["step_ms"]:9.2f} ms  {row["images_per_s"]:8.1f} img/s  '
+      f'compile {row["compile_s"]:6.1f} s  memory {row["peak_memory_gib"]} GiB '
+      f'({row["memory_source"]})  {row["step_tflop"]} TFLOP/step ({row["flops_source"]})  '
+      f'MFU {row["mfu"] if row["mfu"] is not None else "-"} '
+      f'({row["peak_card"] or "no peak for this device"})',
+      flush=True,
+    )
     if _END_TO_END.value:
       for augment_device in (False, True):
-        e2e = end_to_end(name, size, steps=steps, workers=_WORKERS.value,
-                         augment_device=augment_device, **settings)
-        row[f"end_to_end_{'device' if augment_device else 'host'}_images_per_s"] = (
-            e2e['end_to_end_images_per_s'])
-        print(f"{'':10s} end to end, {'device' if augment_device else 'host'} augmentation, "
-              f"{_WORKERS.value} workers: {e2e['end_to_end_images_per_s']:8.1f} img/s "
-              f"({e2e['end_to_end_images_per_s'] / row['images_per_s']:.0%} of the step)",
-              flush=True)
+        e2e = end_to_end(
+          name, size, steps=steps, workers=_WORKERS.value, augment_device=augment_device, **settings
+        )
+        row[f'end_to_end_{"device" if augment_device else "host"}_images_per_s'] = e2e[
+          'end_to_end_images_per_s'
+        ]
+        print(
+          f'{"":10s} end to end, {"device" if augment_device else "host"} augmentation, '
+          f'{_WORKERS.value} workers: {e2e["end_to_end_images_per_s"]:8.1f} img/s '
+          f'({e2e["end_to_end_images_per_s"] / row["images_per_s"]:.0%} of the step)',
+          flush=True,
+        )
     rows.append(row)
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump({'device': device_kind, 'backend': jax.default_backend(),
-                 'host_cores': os.cpu_count(), 'rows': rows}, f, indent=1)
+      json.dump(
+        {
+          'device': device_kind,
+          'backend': jax.default_backend(),
+          'host_cores': os.cpu_count(),
+          'rows': rows,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == '__main__':

@@ -37,8 +37,9 @@ _SIZE = flags.DEFINE_integer('image_size', 224, 'image size')
 _CLASSES = flags.DEFINE_integer('num_classes', 20, 'K of the KMM head')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'alternations of the two frameworks')
 _STEPS = flags.DEFINE_integer('steps', 4, 'timed steps per framework and repeat')
-_THREADS = flags.DEFINE_integer('threads', None, 'torch threads (default: all host cores, '
-                                'as XLA:CPU uses)')
+_THREADS = flags.DEFINE_integer(
+  'threads', None, 'torch threads (default: all host cores, as XLA:CPU uses)'
+)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'tiny TResNet at 64 px, one short repeat (tests)')
 _JSON = flags.DEFINE_string('json', None, 'write the result to this JSON file')
 
@@ -56,14 +57,17 @@ def _torch_objective(torch, features, pi_logits, mu, var, labels):
   log_g = -0.5 * (spread + m * (fbar - mu).square()) / var
   log_terms = f.logsigmoid(pi_logits) + log_g
   has_pos = pos.any(-1)
-  rec_per = (torch.logsumexp(log_terms, -1)
-             - torch.logsumexp(log_terms.masked_fill(~pos, -torch.inf), -1))
+  rec_per = torch.logsumexp(log_terms, -1) - torch.logsumexp(
+    log_terms.masked_fill(~pos, -torch.inf), -1
+  )
   rec = torch.where(has_pos, rec_per, 0.0).sum() / has_pos.sum().clamp(min=1)
   # ASL (Eq. 6): gamma_pos 0, gamma_neg 4, clip 0.05, focusing weights detached, mean over N.
   p = torch.sigmoid(pi_logits)
   p_m = (p - 0.05).clamp(min=0)
-  asl = -(labels * p.clamp(min=1e-7).log()
-          + (1 - labels) * p_m.detach().pow(4) * (1 - p_m).clamp(min=1e-7).log()).sum()
+  asl = -(
+    labels * p.clamp(min=1e-7).log()
+    + (1 - labels) * p_m.detach().pow(4) * (1 - p_m).clamp(min=1e-7).log()
+  ).sum()
   asl = asl / labels.shape[0]
   # Kernel contrastive loss (Eq. 7) over [N, N, K].
   n = labels.shape[0]
@@ -98,19 +102,26 @@ def torch_step_fn(image_size: int, batch_size: int, num_classes: int, *, smoke: 
   torch.manual_seed(0)
   if smoke:
     overrides = common.SMOKE_OVERRIDES
-    encoder = timm.models.tresnet.TResNet(layers=list(overrides['layers']), num_classes=0,
-                                          width_factor=overrides['width_factor'])
+    encoder = timm.models.tresnet.TResNet(
+      layers=list(overrides['layers']), num_classes=0, width_factor=overrides['width_factor']
+    )
   else:
     encoder = timm.create_model('tresnet_m', pretrained=False, num_classes=0)
   width = encoder.num_features
-  head = torch.nn.ModuleDict({name: torch.nn.Linear(width, num_classes)
-                              for name in ('pi', 'mu', 'var')})
+  head = torch.nn.ModuleDict(
+    {name: torch.nn.Linear(width, num_classes) for name in ('pi', 'mu', 'var')}
+  )
   model = torch.nn.ModuleDict({'encoder': encoder, 'head': head}).train()
   params = list(model.parameters())
   optimizer = torch.optim.Adam(
-      [{'params': [p for p in params if p.ndim > 1], 'weight_decay': 1e-4},
-       {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}],
-      lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    [
+      {'params': [p for p in params if p.ndim > 1], 'weight_decay': 1e-4},
+      {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
+    ],
+    lr=1e-4,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+  )
   ema = [t.detach().clone() for t in model.state_dict().values() if t.is_floating_point()]
   live = [t for t in model.state_dict().values() if t.is_floating_point()]
   mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -118,8 +129,9 @@ def torch_step_fn(image_size: int, batch_size: int, num_classes: int, *, smoke: 
   rng = np.random.default_rng(1)
 
   def step():
-    images = torch.from_numpy(rng.integers(0, 256, (batch_size, 3, image_size, image_size),
-                                           dtype=np.uint8))
+    images = torch.from_numpy(
+      rng.integers(0, 256, (batch_size, 3, image_size, image_size), dtype=np.uint8)
+    )
     labels = torch.from_numpy((rng.random((batch_size, num_classes)) < 0.2).astype(np.float32))
     x = (images.float() / 255 - mean) / std
     features = encoder(x)
@@ -139,8 +151,13 @@ def torch_step_fn(image_size: int, batch_size: int, num_classes: int, *, smoke: 
 def jax_step_fn(image_size: int, batch_size: int, num_classes: int, *, smoke: bool):
   """A closure running one kmcl_jax training step on a fresh random batch (waited for)."""
   config = common.make_config(
-      'tresnet_m', image_size, batch_size=batch_size, dtype='float32', num_classes=num_classes,
-      overrides=common.SMOKE_OVERRIDES if smoke else None)
+    'tresnet_m',
+    image_size,
+    batch_size=batch_size,
+    dtype='float32',
+    num_classes=num_classes,
+    overrides=common.SMOKE_OVERRIDES if smoke else None,
+  )
   step, state, batch = common.build_step(config, num_classes)
   sharding = batch['image'].sharding
   rng = np.random.default_rng(1)
@@ -149,8 +166,7 @@ def jax_step_fn(image_size: int, batch_size: int, num_classes: int, *, smoke: bo
   def run():
     images = rng.integers(0, 256, batch['image'].shape, dtype=np.uint8)
     labels = (rng.random(batch['labels'].shape) < 0.2).astype(np.float32)
-    fresh = {'image': jax.device_put(images, sharding),
-             'labels': jax.device_put(labels, sharding)}
+    fresh = {'image': jax.device_put(images, sharding), 'labels': jax.device_put(labels, sharding)}
     holder['state'], metrics = step(holder['state'], fresh)
     return float(metrics['loss'])
 
@@ -167,8 +183,16 @@ def _timed(fn, count):
   return times
 
 
-def compare(*, image_size: int, batch_size: int, num_classes: int, repeats: int, steps: int,
-            threads: int, smoke: bool) -> dict:
+def compare(
+  *,
+  image_size: int,
+  batch_size: int,
+  num_classes: int,
+  repeats: int,
+  steps: int,
+  threads: int,
+  smoke: bool,
+) -> dict:
   """Alternates the two steps; returns medians, the ratio and the per-repeat ratios."""
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -186,35 +210,56 @@ def compare(*, image_size: int, batch_size: int, num_classes: int, repeats: int,
     jax_times += j
     torch_times += t
     ratios.append(float(np.median([x[0] for x in j]) / np.median([x[0] for x in t])))
-  (jax_s, jax_cpu), (torch_s, torch_cpu) = (np.median(np.asarray(x), axis=0)
-                                            for x in (jax_times, torch_times))
-  return {'jax_step_s': round(float(jax_s), 4), 'torch_step_s': round(float(torch_s), 4),
-          'ratio': round(float(jax_s / torch_s), 3),
-          'ratio_per_repeat': [round(r, 3) for r in ratios],
-          'jax_cpu_s': round(float(jax_cpu), 4), 'torch_cpu_s': round(float(torch_cpu), 4),
-          'cpu_ratio': round(float(jax_cpu / torch_cpu), 3),
-          'jax_compile_s': round(compile_s, 1), 'batch_size': batch_size,
-          'image_size': image_size, 'num_classes': num_classes, 'threads': threads,
-          'model': 'tresnet_m' + (' (smoke: width 0.125, one block per stage)' if smoke else ''),
-          'dtype': 'float32', 'device': jax.devices()[0].device_kind,
-          'torch': torch.__version__, 'jax': jax.__version__,
-          'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', '')}
+  (jax_s, jax_cpu), (torch_s, torch_cpu) = (
+    np.median(np.asarray(x), axis=0) for x in (jax_times, torch_times)
+  )
+  return {
+    'jax_step_s': round(float(jax_s), 4),
+    'torch_step_s': round(float(torch_s), 4),
+    'ratio': round(float(jax_s / torch_s), 3),
+    'ratio_per_repeat': [round(r, 3) for r in ratios],
+    'jax_cpu_s': round(float(jax_cpu), 4),
+    'torch_cpu_s': round(float(torch_cpu), 4),
+    'cpu_ratio': round(float(jax_cpu / torch_cpu), 3),
+    'jax_compile_s': round(compile_s, 1),
+    'batch_size': batch_size,
+    'image_size': image_size,
+    'num_classes': num_classes,
+    'threads': threads,
+    'model': 'tresnet_m' + (' (smoke: width 0.125, one block per stage)' if smoke else ''),
+    'dtype': 'float32',
+    'device': jax.devices()[0].device_kind,
+    'torch': torch.__version__,
+    'jax': jax.__version__,
+    'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
+  }
 
 
 def main(argv):
   del argv
   smoke = _SMOKE.value
-  result = compare(image_size=64 if smoke else _SIZE.value, batch_size=_BATCH.value,
-                   num_classes=_CLASSES.value, repeats=1 if smoke else _REPEATS.value,
-                   steps=2 if smoke else _STEPS.value,
-                   threads=_THREADS.value or os.cpu_count(), smoke=smoke)
-  print(f"{result['model']} {result['image_size']}px batch {result['batch_size']} float32, "
-        f"{result['threads']} threads, {jax.default_backend()}")
-  print(f"kmcl_jax {1e3 * result['jax_step_s']:9.1f} ms/step   "
-        f"PyTorch {1e3 * result['torch_step_s']:9.1f} ms/step   ratio jax/torch "
-        f"{result['ratio']:.3f}  (per repeat {result['ratio_per_repeat']})")
-  print(f"CPU time per step (all threads): kmcl_jax {result['jax_cpu_s']:.2f} s, PyTorch "
-        f"{result['torch_cpu_s']:.2f} s, ratio {result['cpu_ratio']:.3f}")
+  result = compare(
+    image_size=64 if smoke else _SIZE.value,
+    batch_size=_BATCH.value,
+    num_classes=_CLASSES.value,
+    repeats=1 if smoke else _REPEATS.value,
+    steps=2 if smoke else _STEPS.value,
+    threads=_THREADS.value or os.cpu_count(),
+    smoke=smoke,
+  )
+  print(
+    f'{result["model"]} {result["image_size"]}px batch {result["batch_size"]} float32, '
+    f'{result["threads"]} threads, {jax.default_backend()}'
+  )
+  print(
+    f'kmcl_jax {1e3 * result["jax_step_s"]:9.1f} ms/step   '
+    f'PyTorch {1e3 * result["torch_step_s"]:9.1f} ms/step   ratio jax/torch '
+    f'{result["ratio"]:.3f}  (per repeat {result["ratio_per_repeat"]})'
+  )
+  print(
+    f'CPU time per step (all threads): kmcl_jax {result["jax_cpu_s"]:.2f} s, PyTorch '
+    f'{result["torch_cpu_s"]:.2f} s, ratio {result["cpu_ratio"]:.3f}'
+  )
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=1)

@@ -43,13 +43,13 @@ from kmcl_jax.data.tfds_source import TfdsSource
 
 Source = FileSource | SyntheticSource | TfdsSource
 _BUILDERS: dict[str, Callable[..., Source]] = {
-    'voc2007': voc.voc2007,
-    'coco2014': coco.coco2014,
-    'adp': adp.adp,
-    'chestxray14': chestxray14.chestxray14,
-    'csv': csv_source.csv_source,
-    'tfds': tfds_source.tfds_source,
-    'synthetic': synthetic.synthetic,
+  'voc2007': voc.voc2007,
+  'coco2014': coco.coco2014,
+  'adp': adp.adp,
+  'chestxray14': chestxray14.chestxray14,
+  'csv': csv_source.csv_source,
+  'tfds': tfds_source.tfds_source,
+  'synthetic': synthetic.synthetic,
 }
 
 SOURCES = tuple(_BUILDERS)
@@ -77,19 +77,26 @@ def options_error(name: str, options: Mapping[str, Any]) -> str | None:
   accepted = sorted(defaults)
   unknown = [key for key in options if key not in defaults]
   if not unknown:
-    missing = [key for key, default in defaults.items()
-               if default is inspect.Parameter.empty and key not in options]
+    missing = [
+      key
+      for key, default in defaults.items()
+      if default is inspect.Parameter.empty and key not in options
+    ]
     if missing:
-      return (f'{", ".join(f"dataset.options.{key}" for key in missing)}: required by dataset '
-              f'{name!r} (see kmcl_jax/data/{_BUILDERS[name].__module__.rsplit(".", 1)[-1]}.py)')
+      return (
+        f'{", ".join(f"dataset.options.{key}" for key in missing)}: required by dataset '
+        f'{name!r} (see kmcl_jax/data/{_BUILDERS[name].__module__.rsplit(".", 1)[-1]}.py)'
+      )
     return None
   named = []
   for key in unknown:
     close = difflib.get_close_matches(key, accepted, n=1)
     named.append(f'dataset.options.{key}' + (f' (did you mean {close[0]!r}?)' if close else ''))
   what = 'not an option' if len(named) == 1 else 'not options'
-  return (f'{", ".join(named)}: {what} of dataset {name!r}, which accepts '
-          f'{", ".join(accepted) or "no options"}')
+  return (
+    f'{", ".join(named)}: {what} of dataset {name!r}, which accepts '
+    f'{", ".join(accepted) or "no options"}'
+  )
 
 
 def get_source(name: str, *, root: str | None = None, split: str, **options: Any) -> Source:

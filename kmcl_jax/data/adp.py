@@ -33,14 +33,94 @@ SPLITS = ('train', 'valid', 'test')
 
 _L1 = ('E', 'C', 'H', 'S', 'A', 'M', 'N', 'G', 'T')
 LEVELS: dict[str, tuple[str, ...]] = {
-    'L1': _L1,
-    'L2': ('E', 'E.M', 'E.T', 'C', 'C.D', 'C.L', 'H', 'H.E', 'H.K', 'H.Y', 'S', 'S.M', 'S.C',
-           'S.R', 'A', 'A.W', 'A.M', 'M', 'N', 'N.P', 'N.R', 'N.G', 'G', 'G.O', 'G.N', 'T'),
-    'L3': ('E', 'E.M', 'E.M.S', 'E.M.C', 'E.T', 'E.T.S', 'E.T.C', 'C', 'C.D', 'C.D.I', 'C.D.R',
-           'C.L', 'H', 'H.E', 'H.K', 'H.Y', 'S', 'S.M', 'S.C', 'S.R', 'A', 'A.W', 'A.M', 'M', 'N',
-           'N.P', 'N.R', 'N.G', 'N.G.M', 'G', 'G.O', 'G.N', 'T'),
-    'L3Only': ('E.M.S', 'E.M.C', 'E.T.S', 'E.T.C', 'C.D.I', 'C.D.R', 'C.L', 'H.E', 'H.K', 'H.Y',
-               'S.M', 'S.C', 'S.R', 'A.W', 'A.M', 'M', 'N.P', 'N.R', 'N.G.M', 'G.O', 'G.N', 'T'),
+  'L1': _L1,
+  'L2': (
+    'E',
+    'E.M',
+    'E.T',
+    'C',
+    'C.D',
+    'C.L',
+    'H',
+    'H.E',
+    'H.K',
+    'H.Y',
+    'S',
+    'S.M',
+    'S.C',
+    'S.R',
+    'A',
+    'A.W',
+    'A.M',
+    'M',
+    'N',
+    'N.P',
+    'N.R',
+    'N.G',
+    'G',
+    'G.O',
+    'G.N',
+    'T',
+  ),
+  'L3': (
+    'E',
+    'E.M',
+    'E.M.S',
+    'E.M.C',
+    'E.T',
+    'E.T.S',
+    'E.T.C',
+    'C',
+    'C.D',
+    'C.D.I',
+    'C.D.R',
+    'C.L',
+    'H',
+    'H.E',
+    'H.K',
+    'H.Y',
+    'S',
+    'S.M',
+    'S.C',
+    'S.R',
+    'A',
+    'A.W',
+    'A.M',
+    'M',
+    'N',
+    'N.P',
+    'N.R',
+    'N.G',
+    'N.G.M',
+    'G',
+    'G.O',
+    'G.N',
+    'T',
+  ),
+  'L3Only': (
+    'E.M.S',
+    'E.M.C',
+    'E.T.S',
+    'E.T.C',
+    'C.D.I',
+    'C.D.R',
+    'C.L',
+    'H.E',
+    'H.K',
+    'H.Y',
+    'S.M',
+    'S.C',
+    'S.R',
+    'A.W',
+    'A.M',
+    'M',
+    'N.P',
+    'N.R',
+    'N.G.M',
+    'G.O',
+    'G.N',
+    'T',
+  ),
 }
 NAME_COLUMN = 'Patch Names'
 
@@ -60,8 +140,10 @@ def read_csv(path: str, columns: tuple[str, ...]) -> tuple[list[str], np.ndarray
   header = [h.strip() for h in table[0]]
   missing = [c for c in (NAME_COLUMN,) + columns if c not in header]
   if missing:
-    raise ValueError(f'{path}: missing column(s) {missing}; expected {NAME_COLUMN!r} and the '
-                     f'class columns {list(columns)}')
+    raise ValueError(
+      f'{path}: missing column(s) {missing}; expected {NAME_COLUMN!r} and the '
+      f'class columns {list(columns)}'
+    )
   name_col = header.index(NAME_COLUMN)
   cols = [header.index(c) for c in columns]
   names, rows = [], []
@@ -79,9 +161,17 @@ def read_csv(path: str, columns: tuple[str, ...]) -> tuple[list[str], np.ndarray
   return names, np.asarray(rows, np.float32).reshape(len(rows), len(columns))
 
 
-def adp(*, root: str, split: str, level: str = 'L1', decode_size: int | None = None,
-        keep_all_negative: bool = False, fraction: float | None = None,
-        subset_size: int | None = None, subset_seed: int = 0) -> FileSource:
+def adp(
+  *,
+  root: str,
+  split: str,
+  level: str = 'L1',
+  decode_size: int | None = None,
+  keep_all_negative: bool = False,
+  fraction: float | None = None,
+  subset_size: int | None = None,
+  subset_seed: int = 0,
+) -> FileSource:
   """ADP source; splits 'train', 'valid', 'test'; `level` in LEVELS."""
   check_split('adp', split, SPLITS)
   if level not in LEVELS:
@@ -95,15 +185,25 @@ def adp(*, root: str, split: str, level: str = 'L1', decode_size: int | None = N
   except (ValueError, OSError) as e:
     raise ValueError(f'{split_path}: not a numpy .npy file of row indices ({e})') from e
   if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
-    raise ValueError(f'{split_path}: expected a 1-D integer array of csv row indices, got '
-                     f'{rows.dtype} {rows.shape}')
+    raise ValueError(
+      f'{split_path}: expected a 1-D integer array of csv row indices, got '
+      f'{rows.dtype} {rows.shape}'
+    )
   if len(rows) and (rows.min() < 0 or rows.max() >= len(names)):
-    raise ValueError(f'{split_path}: row index {int(rows.max())} outside the csv\'s '
-                     f'{len(names)} data rows')
+    raise ValueError(
+      f"{split_path}: row index {int(rows.max())} outside the csv's {len(names)} data rows"
+    )
   image_dir = require_dir(os.path.join(base, IMAGE_DIR), 'ADP image folder')
   return FileSource(
-      paths=[os.path.join(image_dir, names[r]) for r in rows], labels=labels[rows],
-      difficult=None, ids=[names[r] for r in rows], class_names=columns,
-      description=f'adp {level} {split} at {base}', decode_size=decode_size,
-      keep_all_negative=keep_all_negative, fraction=fraction, subset_size=subset_size,
-      subset_seed=subset_seed)
+    paths=[os.path.join(image_dir, names[r]) for r in rows],
+    labels=labels[rows],
+    difficult=None,
+    ids=[names[r] for r in rows],
+    class_names=columns,
+    description=f'adp {level} {split} at {base}',
+    decode_size=decode_size,
+    keep_all_negative=keep_all_negative,
+    fraction=fraction,
+    subset_size=subset_size,
+    subset_seed=subset_seed,
+  )

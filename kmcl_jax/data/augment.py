@@ -75,23 +75,27 @@ def _sign(rng: np.random.Generator) -> float:
 
 
 def _shear_x(img, v, rng):
-  return img.transform(img.size, Image.AFFINE, (1, v * _sign(rng), 0, 0, 1, 0), Image.BICUBIC,
-                       fillcolor=AFFINE_FILL)
+  return img.transform(
+    img.size, Image.AFFINE, (1, v * _sign(rng), 0, 0, 1, 0), Image.BICUBIC, fillcolor=AFFINE_FILL
+  )
 
 
 def _shear_y(img, v, rng):
-  return img.transform(img.size, Image.AFFINE, (1, 0, 0, v * _sign(rng), 1, 0), Image.BICUBIC,
-                       fillcolor=AFFINE_FILL)
+  return img.transform(
+    img.size, Image.AFFINE, (1, 0, 0, v * _sign(rng), 1, 0), Image.BICUBIC, fillcolor=AFFINE_FILL
+  )
 
 
 def _translate_x(img, v, rng):
-  return img.transform(img.size, Image.AFFINE, (1, 0, v * img.size[0] * _sign(rng), 0, 1, 0),
-                       fillcolor=AFFINE_FILL)
+  return img.transform(
+    img.size, Image.AFFINE, (1, 0, v * img.size[0] * _sign(rng), 0, 1, 0), fillcolor=AFFINE_FILL
+  )
 
 
 def _translate_y(img, v, rng):
-  return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * img.size[1] * _sign(rng)),
-                       fillcolor=AFFINE_FILL)
+  return img.transform(
+    img.size, Image.AFFINE, (1, 0, 0, 0, 1, v * img.size[1] * _sign(rng)), fillcolor=AFFINE_FILL
+  )
 
 
 def _rotate(img, v, rng):
@@ -139,8 +143,7 @@ def _cutout(img, v, rng):
   x0, y0 = int(rng.integers(w)), int(rng.integers(h))
   x1, y1 = max(0, x0 - side // 2), max(0, y0 - side // 2)
   img = img.copy()
-  ImageDraw.Draw(img).rectangle([x1, y1, min(w, x1 + side), min(h, y1 + side)],
-                                fill=CUTOUT_FILL)
+  ImageDraw.Draw(img).rectangle([x1, y1, min(w, x1 + side), min(h, y1 + side)], fill=CUTOUT_FILL)
   return img
 
 
@@ -152,21 +155,21 @@ _ZERO = np.zeros(NUM_MAGNITUDES)
 
 # name -> (op, magnitude table); order as in the module docstring.
 RANDAUGMENT_OPS = {
-    'ShearX': (_shear_x, _levels(0, 0.3)),
-    'ShearY': (_shear_y, _levels(0, 0.3)),
-    'TranslateX': (_translate_x, _levels(0, 150 / 331)),
-    'TranslateY': (_translate_y, _levels(0, 150 / 331)),
-    'Rotate': (_rotate, _levels(0, 30)),
-    'Color': (_enhancer(ImageEnhance.Color), _levels(0, 0.9)),
-    'Posterize': (_posterize, np.round(_levels(8, 4)).astype(int)),
-    'Solarize': (_solarize, _levels(256, 0)),
-    'Contrast': (_enhancer(ImageEnhance.Contrast), _levels(0, 0.9)),
-    'Sharpness': (_enhancer(ImageEnhance.Sharpness), _levels(0, 0.9)),
-    'Brightness': (_enhancer(ImageEnhance.Brightness), _levels(0, 0.9)),
-    'AutoContrast': (_autocontrast, _ZERO),
-    'Equalize': (_equalize, _ZERO),
-    'Invert': (_invert, _ZERO),
-    'Cutout': (_cutout, np.round(_levels(0, 20)).astype(int)),
+  'ShearX': (_shear_x, _levels(0, 0.3)),
+  'ShearY': (_shear_y, _levels(0, 0.3)),
+  'TranslateX': (_translate_x, _levels(0, 150 / 331)),
+  'TranslateY': (_translate_y, _levels(0, 150 / 331)),
+  'Rotate': (_rotate, _levels(0, 30)),
+  'Color': (_enhancer(ImageEnhance.Color), _levels(0, 0.9)),
+  'Posterize': (_posterize, np.round(_levels(8, 4)).astype(int)),
+  'Solarize': (_solarize, _levels(256, 0)),
+  'Contrast': (_enhancer(ImageEnhance.Contrast), _levels(0, 0.9)),
+  'Sharpness': (_enhancer(ImageEnhance.Sharpness), _levels(0, 0.9)),
+  'Brightness': (_enhancer(ImageEnhance.Brightness), _levels(0, 0.9)),
+  'AutoContrast': (_autocontrast, _ZERO),
+  'Equalize': (_equalize, _ZERO),
+  'Invert': (_invert, _ZERO),
+  'Cutout': (_cutout, np.round(_levels(0, 20)).astype(int)),
 }
 _OP_NAMES = tuple(RANDAUGMENT_OPS)
 
@@ -177,8 +180,9 @@ def apply_op(img: Image.Image, name: str, magnitude: int, rng: np.random.Generat
   return op(img, table[magnitude], rng)
 
 
-def randaugment(img: Image.Image, rng: np.random.Generator, num_ops: int = 2,
-                prob: float = 0.5) -> Image.Image:
+def randaugment(
+  img: Image.Image, rng: np.random.Generator, num_ops: int = 2, prob: float = 0.5
+) -> Image.Image:
   """RandAugment as in the module docstring: `num_ops` draws, each applied with `prob`."""
   for _ in range(num_ops):
     name = _OP_NAMES[int(rng.integers(len(_OP_NAMES)))]
@@ -188,8 +192,9 @@ def randaugment(img: Image.Image, rng: np.random.Generator, num_ops: int = 2,
   return img
 
 
-def affine(img: Image.Image, *, angle: float, translate: tuple[float, float], scale: float
-           ) -> Image.Image:
+def affine(
+  img: Image.Image, *, angle: float, translate: tuple[float, float], scale: float
+) -> Image.Image:
   """Rotates by `angle` degrees (clockwise on screen, as torchvision's affine), scales and
   translates (pixels) about the image centre; nearest neighbour, fill 0."""
   w, h = img.size
@@ -202,9 +207,14 @@ def affine(img: Image.Image, *, angle: float, translate: tuple[float, float], sc
   return img.transform(img.size, Image.AFFINE, matrix, Image.NEAREST, fillcolor=(0, 0, 0))
 
 
-def random_affine(img: Image.Image, rng: np.random.Generator, *, degrees: float = 45.0,
-                  translate: float = 0.15, scale: tuple[float, float] = (0.85, 1.15)
-                  ) -> Image.Image:
+def random_affine(
+  img: Image.Image,
+  rng: np.random.Generator,
+  *,
+  degrees: float = 45.0,
+  translate: float = 0.15,
+  scale: tuple[float, float] = (0.85, 1.15),
+) -> Image.Image:
   """torchvision-style RandomAffine without shear (parameters as in the module docstring)."""
   w, h = img.size
   angle = rng.uniform(-degrees, degrees)
@@ -216,8 +226,9 @@ def random_affine(img: Image.Image, rng: np.random.Generator, *, degrees: float 
 AUGMENTS = ('randaugment', 'affine', 'none')
 
 
-def train_augment(image: np.ndarray, rng: np.random.Generator, *, size: int,
-                  augment: str) -> np.ndarray:
+def train_augment(
+  image: np.ndarray, rng: np.random.Generator, *, size: int, augment: str
+) -> np.ndarray:
   """The full train-time chain for one decoded image; returns uint8 [size, size, 3]."""
   if augment not in AUGMENTS:
     raise ValueError(f'unknown augment {augment!r}; expected one of {AUGMENTS}')

@@ -21,8 +21,8 @@ not just the idea of each op:
 
 Every random draw of an example comes from a key that is a pure function of (seed, step, index
 of the example in the global batch), so an example's augmentation does not depend on how the
-batch is split over devices or processes, and a resumed run redraws the same augmentations. The draws follow the host's distributions (see
-`kmcl_jax.data.augment`), not its numpy streams.
+batch is split over devices or processes, and a resumed run redraws the same augmentations.
+The draws follow the host's distributions (see `kmcl_jax.data.augment`), not its numpy streams.
 """
 
 from __future__ import annotations
@@ -43,8 +43,16 @@ _NUM_OPS = len(OP_NAMES)
 _AFFINE_FILL = np.asarray(host.AFFINE_FILL, np.uint8)
 _CUTOUT_FILL = np.asarray(host.CUTOUT_FILL, np.uint8)
 # Ops whose table value takes the random sign (see the table in kmcl_jax/data/augment.py).
-SIGNED_OPS = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Color', 'Contrast',
-              'Sharpness', 'Brightness')
+SIGNED_OPS = (
+  'ShearX',
+  'ShearY',
+  'TranslateX',
+  'TranslateY',
+  'Color',
+  'Contrast',
+  'Sharpness',
+  'Brightness',
+)
 
 
 def enabled(setting: str) -> bool:
@@ -228,8 +236,9 @@ def _cutout(image, param, position):
   side = param[0].astype(jnp.int32)
   h, w = image.shape[:2]
   x1, y1 = jnp.maximum(0, position[0] - side // 2), jnp.maximum(0, position[1] - side // 2)
-  out = _rectangle(image, x1, y1, jnp.minimum(w, x1 + side), jnp.minimum(h, y1 + side),
-                   _CUTOUT_FILL)
+  out = _rectangle(
+    image, x1, y1, jnp.minimum(w, x1 + side), jnp.minimum(h, y1 + side), _CUTOUT_FILL
+  )
   return jnp.where(side > 0, out, image)
 
 
@@ -239,13 +248,21 @@ def _identity(image, param, position):
 
 
 _BRANCHES = {
-    'ShearX': _shear_or_rotate(True), 'ShearY': _shear_or_rotate(True),
-    'TranslateX': _shear_or_rotate(False), 'TranslateY': _shear_or_rotate(False),
-    'Rotate': _shear_or_rotate(False),
-    'Color': _enhance(_color_degenerate), 'Posterize': _posterize, 'Solarize': _solarize,
-    'Contrast': _enhance(_contrast_degenerate), 'Sharpness': _enhance(_smooth),
-    'Brightness': _enhance(jnp.zeros_like), 'AutoContrast': _autocontrast,
-    'Equalize': _equalize, 'Invert': _invert, 'Cutout': _cutout,
+  'ShearX': _shear_or_rotate(True),
+  'ShearY': _shear_or_rotate(True),
+  'TranslateX': _shear_or_rotate(False),
+  'TranslateY': _shear_or_rotate(False),
+  'Rotate': _shear_or_rotate(False),
+  'Color': _enhance(_color_degenerate),
+  'Posterize': _posterize,
+  'Solarize': _solarize,
+  'Contrast': _enhance(_contrast_degenerate),
+  'Sharpness': _enhance(_smooth),
+  'Brightness': _enhance(jnp.zeros_like),
+  'AutoContrast': _autocontrast,
+  'Equalize': _equalize,
+  'Invert': _invert,
+  'Cutout': _cutout,
 }
 # Switch branches in OP_NAMES order; the extra last one is "not applied".
 _SWITCH = tuple(_BRANCHES[name] for name in OP_NAMES) + (_identity,)
@@ -292,8 +309,7 @@ def _rotate_matrix(angle: float, height: int, width: int) -> list[float]:
   return [a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy]
 
 
-def apply_op(image: jax.Array, op: jax.Array, param: jax.Array, position: jax.Array
-             ) -> jax.Array:
+def apply_op(image: jax.Array, op: jax.Array, param: jax.Array, position: jax.Array) -> jax.Array:
   """One RandAugment op (index into OP_NAMES; `_NUM_OPS` = none) on one uint8 image."""
   return lax.switch(op, _SWITCH, image, param, position)
 
@@ -310,9 +326,11 @@ def example_keys(seed: int, step, global_indices: jax.Array) -> jax.Array:
 def cutout_draws(key: jax.Array, height: int, width: int) -> dict[str, jax.Array]:
   """CutoutPIL's centre (yc, xc) and colour for one image (host: augment.cutout_pil)."""
   ky, kx, kc = jax.random.split(key, 3)
-  return {'yc': jax.random.randint(ky, (), 0, height),
-          'xc': jax.random.randint(kx, (), 0, width),
-          'colour': jax.random.randint(kc, (3,), 0, 256)}
+  return {
+    'yc': jax.random.randint(ky, (), 0, height),
+    'xc': jax.random.randint(kx, (), 0, width),
+    'colour': jax.random.randint(kc, (3,), 0, 256),
+  }
 
 
 def cutout_pil(image: jax.Array, yc, xc, colour, factor: float = 0.5) -> jax.Array:
@@ -324,32 +342,49 @@ def cutout_pil(image: jax.Array, yc, xc, colour, factor: float = 0.5) -> jax.Arr
   return _rectangle(image, x1, y1, x2, y2, colour)
 
 
-def randaugment_draws(key: jax.Array, height: int, width: int, num_ops: int = 2
-                      ) -> dict[str, jax.Array]:
+def randaugment_draws(
+  key: jax.Array, height: int, width: int, num_ops: int = 2
+) -> dict[str, jax.Array]:
   """RandAugment's draws for one image, one row per op slot (host: augment.randaugment)."""
+
   def slot(k):
     k_op, k_mag, k_apply, k_sign, k_x, k_y = jax.random.split(k, 6)
-    return {'op': jax.random.randint(k_op, (), 0, _NUM_OPS),
-            'magnitude': jax.random.randint(k_mag, (), 1, host.NUM_MAGNITUDES),
-            'apply': jax.random.uniform(k_apply) < 0.5,
-            'negative': jax.random.uniform(k_sign) < 0.5,
-            'position': jnp.stack([jax.random.randint(k_x, (), 0, width),
-                                   jax.random.randint(k_y, (), 0, height)])}
+    return {
+      'op': jax.random.randint(k_op, (), 0, _NUM_OPS),
+      'magnitude': jax.random.randint(k_mag, (), 1, host.NUM_MAGNITUDES),
+      'apply': jax.random.uniform(k_apply) < 0.5,
+      'negative': jax.random.uniform(k_sign) < 0.5,
+      'position': jnp.stack(
+        [jax.random.randint(k_x, (), 0, width), jax.random.randint(k_y, (), 0, height)]
+      ),
+    }
 
   return jax.vmap(slot)(jax.random.split(key, num_ops))
 
 
-def affine_draws(key: jax.Array, height: int, width: int, *, degrees: float = 45.0,
-                 translate: float = 0.15, scale: tuple[float, float] = (0.85, 1.15)
-                 ) -> dict[str, jax.Array]:
+def affine_draws(
+  key: jax.Array,
+  height: int,
+  width: int,
+  *,
+  degrees: float = 45.0,
+  translate: float = 0.15,
+  scale: tuple[float, float] = (0.85, 1.15),
+) -> dict[str, jax.Array]:
   """RandomAffine's draws for one image (host: augment.random_affine)."""
   ka, kx, ky, ks = jax.random.split(key, 4)
-  return {'angle': jax.random.uniform(ka, (), jnp.float32, -degrees, degrees),
-          'translate': jnp.round(jnp.stack([
-              jax.random.uniform(kx, (), jnp.float32, -translate * width, translate * width),
-              jax.random.uniform(ky, (), jnp.float32, -translate * height,
-                                 translate * height)])),
-          'scale': jax.random.uniform(ks, (), jnp.float32, *scale)}
+  return {
+    'angle': jax.random.uniform(ka, (), jnp.float32, -degrees, degrees),
+    'translate': jnp.round(
+      jnp.stack(
+        [
+          jax.random.uniform(kx, (), jnp.float32, -translate * width, translate * width),
+          jax.random.uniform(ky, (), jnp.float32, -translate * height, translate * height),
+        ]
+      )
+    ),
+    'scale': jax.random.uniform(ks, (), jnp.float32, *scale),
+  }
 
 
 def affine(image: jax.Array, angle, translate, scale) -> jax.Array:
@@ -406,8 +441,9 @@ def random_affine(images: jax.Array, keys: jax.Array) -> jax.Array:
   return jax.vmap(affine)(images, draws['angle'], draws['translate'], draws['scale'])
 
 
-def augment_batch(images: jax.Array, *, kind: str, seed: int, step, global_indices: jax.Array
-                  ) -> jax.Array:
+def augment_batch(
+  images: jax.Array, *, kind: str, seed: int, step, global_indices: jax.Array
+) -> jax.Array:
   """The host's train chain after the resize: CutoutPIL, then RandAugment or RandomAffine.
 
   Args:
@@ -435,11 +471,11 @@ def sharded_augment(*, kind: str, seed: int, mesh: jax.sharding.Mesh, axis: str 
   Returns fn(images uint8 [N, S, S, 3], step) -> images, for use inside the jitted step; row r
   of the global batch gets global index r, whatever the mesh.
   """
+
   def local(images, step, indices):
     return augment_batch(images, kind=kind, seed=seed, step=step, global_indices=indices)
 
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(axis)),
-                         out_specs=P(axis))
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(), P(axis)), out_specs=P(axis))
 
   def augment(images, step):
     return mapped(images, step, jnp.arange(images.shape[0], dtype=jnp.int32))

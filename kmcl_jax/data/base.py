@@ -58,8 +58,9 @@ def decode_image(path: str, *, decode_size: int | None = None) -> np.ndarray:
   except FileNotFoundError:
     raise FileNotFoundError(f'Image file not found: {path}') from None
   except IsADirectoryError:
-    raise UnreadableImageError(f'Cannot read image {path}: it is a directory, not an image '
-                               'file') from None
+    raise UnreadableImageError(
+      f'Cannot read image {path}: it is a directory, not an image file'
+    ) from None
   except OSError as e:  # permissions, I/O errors: skip_unreadable may skip these too
     raise UnreadableImageError(f'Cannot read image {path}: {e.strerror or e}') from e
   if data[:2] == _JPEG_MAGIC:
@@ -81,10 +82,14 @@ def decode_image(path: str, *, decode_size: int | None = None) -> np.ndarray:
         return np.repeat(arr[:, :, None], 3, axis=2)
       return np.asarray(img.convert('RGB'))
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    reason = ('not a known image format, or its header is damaged'
-              if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}')
+    reason = (
+      'not a known image format, or its header is damaged'
+      if isinstance(e, UnidentifiedImageError)
+      else f'{type(e).__name__}: {e}'
+    )
     raise UnreadableImageError(
-        f'Cannot decode image {path}: {reason} (expected a complete JPEG or PNG file)') from e
+      f'Cannot decode image {path}: {reason} (expected a complete JPEG or PNG file)'
+    ) from e
 
 
 def read_text(path: str) -> str:
@@ -102,8 +107,10 @@ def read_text(path: str) -> str:
     return data.decode('utf-8-sig')
   except UnicodeDecodeError as e:
     line = data.count(b'\n', 0, e.start) + 1
-    raise ValueError(f'{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save '
-                     'the file with UTF-8 encoding (e.g. "CSV UTF-8" in a spreadsheet)') from None
+    raise ValueError(
+      f'{path}: line {line} is not UTF-8 text (byte {data[e.start]:#04x}); save '
+      'the file with UTF-8 encoding (e.g. "CSV UTF-8" in a spreadsheet)'
+    ) from None
 
 
 def csv_rows(path: str) -> list[list[str]]:
@@ -136,14 +143,14 @@ def check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
 
 
 def select(
-    labels: np.ndarray,
-    difficult: np.ndarray,
-    *,
-    keep_all_negative: bool,
-    fraction: float | None,
-    subset_size: int | None,
-    subset_seed: int,
-    description: str,
+  labels: np.ndarray,
+  difficult: np.ndarray,
+  *,
+  keep_all_negative: bool,
+  fraction: float | None,
+  subset_size: int | None,
+  subset_seed: int,
+  description: str,
 ) -> np.ndarray:
   """Indices kept by the options common to all sources, applied in this order.
 
@@ -165,12 +172,15 @@ def select(
   if subset_size is not None:
     if subset_size <= 0 or subset_size > len(idx):
       raise ValueError(
-          f'{description}: subset_size={subset_size} but the split has {len(idx)} records')
+        f'{description}: subset_size={subset_size} but the split has {len(idx)} records'
+      )
     chosen = np.random.default_rng(subset_seed).choice(len(idx), subset_size, replace=False)
     idx = idx[np.sort(chosen)]
   if len(idx) == 0:
-    raise ValueError(f'{description}: the split is empty after selection '
-                     f'(keep_all_negative={keep_all_negative}, fraction={fraction})')
+    raise ValueError(
+      f'{description}: the split is empty after selection '
+      f'(keep_all_negative={keep_all_negative}, fraction={fraction})'
+    )
   return idx
 
 
@@ -183,26 +193,32 @@ class FileSource:
   """
 
   def __init__(
-      self,
-      *,
-      paths: Sequence[str],
-      labels: np.ndarray,
-      difficult: np.ndarray | None,
-      ids: Sequence[str],
-      class_names: Sequence[str],
-      description: str,
-      decode_size: int | None = None,
-      keep_all_negative: bool = True,
-      fraction: float | None = None,
-      subset_size: int | None = None,
-      subset_seed: int = 0,
+    self,
+    *,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    difficult: np.ndarray | None,
+    ids: Sequence[str],
+    class_names: Sequence[str],
+    description: str,
+    decode_size: int | None = None,
+    keep_all_negative: bool = True,
+    fraction: float | None = None,
+    subset_size: int | None = None,
+    subset_seed: int = 0,
   ):
     labels = np.asarray(labels, np.float32)
     if difficult is None:
       difficult = np.zeros(labels.shape, bool)
-    keep = select(labels, np.asarray(difficult, bool), keep_all_negative=keep_all_negative,
-                  fraction=fraction, subset_size=subset_size, subset_seed=subset_seed,
-                  description=description)
+    keep = select(
+      labels,
+      np.asarray(difficult, bool),
+      keep_all_negative=keep_all_negative,
+      fraction=fraction,
+      subset_size=subset_size,
+      subset_seed=subset_seed,
+      description=description,
+    )
     self.paths = np.asarray(paths, dtype=object)[keep]
     self.ids = np.asarray(ids, dtype=object)[keep]
     self.labels = labels[keep]
@@ -216,15 +232,16 @@ class FileSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
     return {
-        'image': decode_image(self.paths[index], decode_size=self.decode_size),
-        'labels': self.labels[index].copy(),
-        'difficult': self.difficult[index].copy(),
-        'id': str(self.ids[index]),
+      'image': decode_image(self.paths[index], decode_size=self.decode_size),
+      'labels': self.labels[index].copy(),
+      'difficult': self.difficult[index].copy(),
+      'id': str(self.ids[index]),
     }
 
   def __repr__(self) -> str:
-    return (f'{type(self).__name__}({self.description}, {len(self)} records, '
-            f'K={len(self.class_names)})')
+    return (
+      f'{type(self).__name__}({self.description}, {len(self)} records, K={len(self.class_names)})'
+    )
 
 
 class Subset:
@@ -245,8 +262,9 @@ class Subset:
     return f'Subset({self._source!r}, {len(self)} records)'
 
 
-def holdout_split(source: RandomAccessDataSource, fraction: float, *,
-                  seed: int) -> tuple[Subset, Subset]:
+def holdout_split(
+  source: RandomAccessDataSource, fraction: float, *, seed: int
+) -> tuple[Subset, Subset]:
   """(rest, held out): a seeded random `fraction` of `source` set aside for model selection,
   for datasets without a validation split (VOC, COCO). Both keep the source's order."""
   if not 0 < fraction < 1:

@@ -52,8 +52,10 @@ def read_instances(path: str) -> tuple[list[dict], np.ndarray, tuple[str, ...]]:
   labels = np.zeros((len(images), len(categories)), np.float32)
   for ann in data['annotations']:
     if ann['image_id'] not in row or ann['category_id'] not in cat_index:
-      raise ValueError(f'{path}: annotation {ann.get("id")} refers to unknown image '
-                       f'{ann["image_id"]} or category {ann["category_id"]}')
+      raise ValueError(
+        f'{path}: annotation {ann.get("id")} refers to unknown image '
+        f'{ann["image_id"]} or category {ann["category_id"]}'
+      )
     labels[row[ann['image_id']], cat_index[ann['category_id']]] = 1.0
   return images, labels, tuple(c['name'] for c in categories)
 
@@ -71,10 +73,17 @@ def _read_id_file(path: str) -> list[int]:
   return ids
 
 
-def coco2014(*, root: str, split: str, decode_size: int | None = None,
-             keep_all_negative: bool = False, fraction: float | None = None,
-             subset_size: int | None = None, subset_seed: int = 0,
-             subset_ids: str | None = None) -> FileSource:
+def coco2014(
+  *,
+  root: str,
+  split: str,
+  decode_size: int | None = None,
+  keep_all_negative: bool = False,
+  fraction: float | None = None,
+  subset_size: int | None = None,
+  subset_seed: int = 0,
+  subset_ids: str | None = None,
+) -> FileSource:
   """COCO 2014 source; splits 'train' and 'val' (see module docstring for options)."""
   check_split('coco2014', split, SPLITS)
   require_dir(root, 'COCO 2014 root')
@@ -90,8 +99,15 @@ def coco2014(*, root: str, split: str, decode_size: int | None = None,
     images = [images[row[i]] for i in wanted]
     labels = labels[[row[i] for i in wanted]]
   return FileSource(
-      paths=[os.path.join(image_dir, im['file_name']) for im in images], labels=labels,
-      difficult=None, ids=[str(im['id']) for im in images], class_names=class_names,
-      description=f'coco2014 {split} at {root}', decode_size=decode_size,
-      keep_all_negative=keep_all_negative, fraction=fraction, subset_size=subset_size,
-      subset_seed=subset_seed)
+    paths=[os.path.join(image_dir, im['file_name']) for im in images],
+    labels=labels,
+    difficult=None,
+    ids=[str(im['id']) for im in images],
+    class_names=class_names,
+    description=f'coco2014 {split} at {root}',
+    decode_size=decode_size,
+    keep_all_negative=keep_all_negative,
+    fraction=fraction,
+    subset_size=subset_size,
+    subset_seed=subset_seed,
+  )

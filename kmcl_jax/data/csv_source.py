@@ -87,36 +87,44 @@ def split_labels(cell: str, delimiter: str) -> list[str]:
 def _header(path: str, table: list[list[str]]) -> list[str]:
   """The stripped header of a csv table, checked for an `image` column and repeated names."""
   if not table:
-    raise ValueError(f'{path}: empty file; expected a header row with an {IMAGE_COLUMN!r} column '
-                     f'and either a {LABELS_COLUMN!r} column or one 0/1 column per class')
+    raise ValueError(
+      f'{path}: empty file; expected a header row with an {IMAGE_COLUMN!r} column '
+      f'and either a {LABELS_COLUMN!r} column or one 0/1 column per class'
+    )
   header = [cell.strip() for cell in table[0]]
   if IMAGE_COLUMN not in header:
-    raise ValueError(f'{_where(path, 1)}: no {IMAGE_COLUMN!r} column in the header {header}; '
-                     f'expected {IMAGE_COLUMN!r} and either {LABELS_COLUMN!r} (label names) or '
-                     'one 0/1 column per class')
+    raise ValueError(
+      f'{_where(path, 1)}: no {IMAGE_COLUMN!r} column in the header {header}; '
+      f'expected {IMAGE_COLUMN!r} and either {LABELS_COLUMN!r} (label names) or '
+      'one 0/1 column per class'
+    )
   for k, name in enumerate(header):
     if name and name in header[:k]:
       raise ValueError(f'{_where(path, 1, name)}: the column name appears twice in the header')
   return header
 
 
-def _data_rows(path: str, table: list[list[str]],
-               header: list[str]) -> Iterator[tuple[int, list[str]]]:
+def _data_rows(
+  path: str, table: list[list[str]], header: list[str]
+) -> Iterator[tuple[int, list[str]]]:
   """(spreadsheet row number, stripped cells) of each non-blank data row, checked for width."""
   for n, row in enumerate(table[1:], 2):
     cells = [cell.strip() for cell in row]
     if not any(cells):
       continue
-    if len(cells) > len(header) and any(cells[len(header):]):
+    if len(cells) > len(header) and any(cells[len(header) :]):
       raise ValueError(
-          f'{_where(path, n, len(header) + 1)}: the row has {len(cells)} cells but the header '
-          f'has {len(header)} ({", ".join(header)}); a cell that contains a comma must be in '
-          'double quotes')
+        f'{_where(path, n, len(header) + 1)}: the row has {len(cells)} cells but the header '
+        f'has {len(header)} ({", ".join(header)}); a cell that contains a comma must be in '
+        'double quotes'
+      )
     if len(cells) < len(header):
-      raise ValueError(f'{_where(path, n, header[len(cells)] or len(cells) + 1)}: missing; the '
-                       f'row has {len(cells)} cell(s) but the header has {len(header)} '
-                       f'({", ".join(header)})')
-    yield n, cells[:len(header)]
+      raise ValueError(
+        f'{_where(path, n, header[len(cells)] or len(cells) + 1)}: missing; the '
+        f'row has {len(cells)} cell(s) but the header has {len(header)} '
+        f'({", ".join(header)})'
+      )
+    yield n, cells[: len(header)]
 
 
 def _scan_label_names(paths: Sequence[str], delimiter: str) -> tuple[str, ...]:
@@ -134,23 +142,32 @@ def _scan_label_names(paths: Sequence[str], delimiter: str) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
-def _labels_from_names(path: str, rows: Rows, col: int, class_names: tuple[str, ...],
-                       classes_file: str | None, delimiter: str) -> list[np.ndarray]:
+def _labels_from_names(
+  path: str,
+  rows: Rows,
+  col: int,
+  class_names: tuple[str, ...],
+  classes_file: str | None,
+  delimiter: str,
+) -> list[np.ndarray]:
   index = {name: k for k, name in enumerate(class_names)}
   labels = []
   for n, cells in rows:
     row_labels = np.zeros(len(class_names), np.float32)
     for name in split_labels(cells[col], delimiter):
       if name not in index:  # only possible with a classes file; a scan finds every name
-        raise ValueError(f'{_where(path, n, LABELS_COLUMN)}: unknown label {name!r}; '
-                         f'{classes_file} lists {_listing(class_names)}')
+        raise ValueError(
+          f'{_where(path, n, LABELS_COLUMN)}: unknown label {name!r}; '
+          f'{classes_file} lists {_listing(class_names)}'
+        )
       row_labels[index[name]] = 1.0
     labels.append(row_labels)
   return labels
 
 
-def _labels_from_columns(path: str, rows: Rows, header: list[str],
-                         class_names: tuple[str, ...]) -> list[np.ndarray]:
+def _labels_from_columns(
+  path: str, rows: Rows, header: list[str], class_names: tuple[str, ...]
+) -> list[np.ndarray]:
   cols = [header.index(name) for name in class_names]
   labels = []
   for n, cells in rows:
@@ -167,31 +184,46 @@ def _labels_from_columns(path: str, rows: Rows, header: list[str],
   return labels
 
 
-def _class_columns(path: str, header: list[str], classes_file: str | None,
-                   class_names: tuple[str, ...] | None) -> tuple[str, ...]:
+def _class_columns(
+  path: str, header: list[str], classes_file: str | None, class_names: tuple[str, ...] | None
+) -> tuple[str, ...]:
   """Class columns of a 0/1 csv: those of the classes file, or every column but `image`."""
   if class_names is not None:
     missing = [name for name in class_names if name not in header]
     if missing:
-      raise ValueError(f'{_where(path, 1)}: no column for class(es) {missing} of {classes_file} '
-                       f'(header: {header})')
+      raise ValueError(
+        f'{_where(path, 1)}: no column for class(es) {missing} of {classes_file} (header: {header})'
+      )
     return class_names
   columns = [(k, name) for k, name in enumerate(header) if name != IMAGE_COLUMN]
   if not columns:
-    raise ValueError(f'{_where(path, 1)}: only an {IMAGE_COLUMN!r} column; expected '
-                     f'{LABELS_COLUMN!r} (label names) or one 0/1 column per class')
+    raise ValueError(
+      f'{_where(path, 1)}: only an {IMAGE_COLUMN!r} column; expected '
+      f'{LABELS_COLUMN!r} (label names) or one 0/1 column per class'
+    )
   for k, name in columns:
     if not name:
-      raise ValueError(f'{_where(path, 1, k + 1)}: empty column name; in the 0/1 form every '
-                       'column after the image names a class')
+      raise ValueError(
+        f'{_where(path, 1, k + 1)}: empty column name; in the 0/1 form every '
+        'column after the image names a class'
+      )
   return tuple(name for _, name in columns)
 
 
-def csv_source(*, root: str, split: str, csv_file: str = '{split}.csv',
-               classes_file: str | None = None, label_delimiter: str = ' ',
-               allow_empty: bool = True, decode_size: int | None = None,
-               keep_all_negative: bool = True, fraction: float | None = None,
-               subset_size: int | None = None, subset_seed: int = 0) -> FileSource:
+def csv_source(
+  *,
+  root: str,
+  split: str,
+  csv_file: str = '{split}.csv',
+  classes_file: str | None = None,
+  label_delimiter: str = ' ',
+  allow_empty: bool = True,
+  decode_size: int | None = None,
+  keep_all_negative: bool = True,
+  fraction: float | None = None,
+  subset_size: int | None = None,
+  subset_seed: int = 0,
+) -> FileSource:
   """The split's records from `root`/`csv_file` (see the module docstring).
 
   Args:
@@ -207,15 +239,19 @@ def csv_source(*, root: str, split: str, csv_file: str = '{split}.csv',
   """
   require_dir(root, 'csv dataset root')
   if not label_delimiter:
-    raise ValueError('dataset.options.label_delimiter is empty; use " " (any whitespace) or '
-                     'e.g. "|"')
+    raise ValueError(
+      'dataset.options.label_delimiter is empty; use " " (any whitespace) or e.g. "|"'
+    )
   path = os.path.join(root, csv_file.replace('{split}', split))
-  pattern = os.path.join(glob.escape(root),
-                         '*'.join(glob.escape(part) for part in csv_file.split('{split}')))
+  pattern = os.path.join(
+    glob.escape(root), '*'.join(glob.escape(part) for part in csv_file.split('{split}'))
+  )
   if not os.path.isfile(path):
     found = sorted(os.path.relpath(p, root) for p in glob.glob(pattern))
-    raise FileNotFoundError(f'csv dataset: no file for split {split!r}: expected {path} '
-                            f'(found {found or "no matching csv file"})')
+    raise FileNotFoundError(
+      f'csv dataset: no file for split {split!r}: expected {path} '
+      f'(found {found or "no matching csv file"})'
+    )
   table = csv_rows(path)
   header = _header(path, table)
   rows = list(_data_rows(path, table, header))
@@ -227,11 +263,14 @@ def csv_source(*, root: str, split: str, csv_file: str = '{split}.csv',
     if class_names is None:
       class_names = _scan_label_names(sorted({path, *glob.glob(pattern)}), label_delimiter)
       if not class_names:
-        raise ValueError(f'{path}: no label names in the {LABELS_COLUMN!r} column of any file '
-                         f'matching {os.path.join(root, csv_file.replace("{split}", "*"))}; '
-                         'list the classes in a file named by dataset.options.classes_file')
-    labels = _labels_from_names(path, rows, header.index(LABELS_COLUMN), class_names,
-                                classes_path, label_delimiter)
+        raise ValueError(
+          f'{path}: no label names in the {LABELS_COLUMN!r} column of any file '
+          f'matching {os.path.join(root, csv_file.replace("{split}", "*"))}; '
+          'list the classes in a file named by dataset.options.classes_file'
+        )
+    labels = _labels_from_names(
+      path, rows, header.index(LABELS_COLUMN), class_names, classes_path, label_delimiter
+    )
   else:
     class_names = _class_columns(path, header, classes_path, class_names)
     labels = _labels_from_columns(path, rows, header, class_names)
@@ -241,26 +280,42 @@ def csv_source(*, root: str, split: str, csv_file: str = '{split}.csv',
   for (n, cells), row_labels in zip(rows, labels):
     name = cells[image_col].replace('\\', '/')
     if not name:
-      raise ValueError(f'{_where(path, n, IMAGE_COLUMN)}: empty; expected an image path '
-                       f'relative to {root}')
+      raise ValueError(
+        f'{_where(path, n, IMAGE_COLUMN)}: empty; expected an image path relative to {root}'
+      )
     key = os.path.normpath(name)
     if key in first_row:
-      raise ValueError(f'{_where(path, n, IMAGE_COLUMN)}: {name} is already in row '
-                       f'{first_row[key]} (each image once, with all its labels)')
+      raise ValueError(
+        f'{_where(path, n, IMAGE_COLUMN)}: {name} is already in row '
+        f'{first_row[key]} (each image once, with all its labels)'
+      )
     first_row[key] = n
     image = os.path.join(root, name)
     if not os.path.isfile(image):
       problem = 'is a directory, not an image file' if os.path.isdir(image) else 'not found'
       raise FileNotFoundError(f'{_where(path, n, IMAGE_COLUMN)}: image file {image} {problem}')
     if not allow_empty and not row_labels.any():
-      where = (_where(path, n, LABELS_COLUMN) if LABELS_COLUMN in header else
-               f'{_where(path, n)}, columns {class_names[0]!r} to {class_names[-1]!r}')
-      raise ValueError(f'{where}: no label, and dataset.options.allow_empty=False (set it to '
-                       'True if images without any positive label are intended)')
+      where = (
+        _where(path, n, LABELS_COLUMN)
+        if LABELS_COLUMN in header
+        else f'{_where(path, n)}, columns {class_names[0]!r} to {class_names[-1]!r}'
+      )
+      raise ValueError(
+        f'{where}: no label, and dataset.options.allow_empty=False (set it to '
+        'True if images without any positive label are intended)'
+      )
     paths.append(image)
     ids.append(name)
   return FileSource(
-      paths=paths, labels=np.stack(labels), difficult=None, ids=ids, class_names=class_names,
-      description=f'csv {split} at {path}', decode_size=decode_size,
-      keep_all_negative=keep_all_negative, fraction=fraction, subset_size=subset_size,
-      subset_seed=subset_seed)
+    paths=paths,
+    labels=np.stack(labels),
+    difficult=None,
+    ids=ids,
+    class_names=class_names,
+    description=f'csv {split} at {path}',
+    decode_size=decode_size,
+    keep_all_negative=keep_all_negative,
+    fraction=fraction,
+    subset_size=subset_size,
+    subset_seed=subset_seed,
+  )

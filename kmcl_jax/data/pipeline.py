@@ -53,10 +53,10 @@ from kmcl_jax.data.base import Subset, UnreadableImageError
 # TResNet weights (timm 'tresnet_*.miil_*', ASL) were trained on raw [0, 1] inputs, i.e. 'none';
 # the authors normalise anyway, so the choice is a config setting.
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'adp': ((0.81233799, 0.64032477, 0.81902153), (0.18129702, 0.25731668, 0.16800649)),
-    'chestxray14': ((0.50576189, 0.50576189, 0.50576189), (1.0, 1.0, 1.0)),
-    'none': ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+  'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  'adp': ((0.81233799, 0.64032477, 0.81902153), (0.18129702, 0.25731668, 0.16800649)),
+  'chestxray14': ((0.50576189, 0.50576189, 0.50576189), (1.0, 1.0, 1.0)),
+  'none': ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
 # Threads per process (main or worker) that read and augment ahead of use. PIL and libjpeg
@@ -64,8 +64,9 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
 _READ_THREADS = 4
 
 
-def normalize(images: jax.Array | np.ndarray, mean: Sequence[float], std: Sequence[float]
-              ) -> jax.Array:
+def normalize(
+  images: jax.Array | np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
   """(images / 255 - mean) / std in float32, per channel (last axis).
 
   Written with jnp so that it runs on the accelerator inside the jitted train/eval step: the
@@ -127,14 +128,24 @@ def preflight(source, *, split: str, skip_unreadable: bool):
   shown = ', '.join(f'{paths[i]} ({problems[i]})' for i in bad[:3])
   more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
   if not skip_unreadable:
-    raise InputError(f'the {split} split has {len(bad)} unreadable image(s) of {len(paths)}: '
-                     f'{shown}{more}. Restore the files, or set dataset.skip_unreadable=True to '
-                     'skip and count them.')
+    raise InputError(
+      f'the {split} split has {len(bad)} unreadable image(s) of {len(paths)}: '
+      f'{shown}{more}. Restore the files, or set dataset.skip_unreadable=True to '
+      'skip and count them.'
+    )
   if len(bad) == len(paths):
-    raise InputError(f'the {split} split has no readable image ({len(bad)} of {len(paths)} '
-                     f'missing or empty, e.g. {shown}).')
-  logging.warning('The %s split: skipping %d unreadable image(s) of %d: %s%s.', split, len(bad),
-                  len(paths), shown, more)
+    raise InputError(
+      f'the {split} split has no readable image ({len(bad)} of {len(paths)} '
+      f'missing or empty, e.g. {shown}).'
+    )
+  logging.warning(
+    'The %s split: skipping %d unreadable image(s) of %d: %s%s.',
+    split,
+    len(bad),
+    len(paths),
+    shown,
+    more,
+  )
   return Subset(source, np.setdiff1d(np.arange(len(paths)), bad)), len(bad)
 
 
@@ -162,8 +173,13 @@ class SkipUnreadable:
           logging.warning('Skipping unreadable record: %s', e)
         self._bad.add(index)
       k = len(self.class_names)
-      return {'image': np.zeros((1, 1, 3), np.uint8), 'labels': np.zeros(k, np.float32),
-              'difficult': np.zeros(k, bool), 'id': '', 'unreadable': True}
+      return {
+        'image': np.zeros((1, 1, 3), np.uint8),
+        'labels': np.zeros(k, np.float32),
+        'difficult': np.zeros(k, bool),
+        'id': '',
+        'unreadable': True,
+      }
 
   @property
   def skipped(self) -> int:
@@ -209,8 +225,16 @@ def _read_options(buffer: int) -> grain.ReadOptions:
 class _TrainTransform:
   """(stream position, record index) -> augmented example; picklable for grain workers."""
 
-  def __init__(self, source, *, image_size: int, augment: str, seed: int,
-               difficult_as_positive: bool, skip_unreadable: bool):
+  def __init__(
+    self,
+    source,
+    *,
+    image_size: int,
+    augment: str,
+    seed: int,
+    difficult_as_positive: bool,
+    skip_unreadable: bool,
+  ):
     if augment not in augment_lib.AUGMENTS:
       raise ValueError(f'unknown augment {augment!r}; expected one of {augment_lib.AUGMENTS}')
     self.source = source
@@ -232,8 +256,9 @@ class _TrainTransform:
     else:
       record = self.source[record_index]
     rng = np.random.default_rng([self.seed, position])
-    image = augment_lib.train_augment(record['image'], rng, size=self.image_size,
-                                      augment=self.augment)
+    image = augment_lib.train_augment(
+      record['image'], rng, size=self.image_size, augment=self.augment
+    )
     labels = np.asarray(record['labels'], np.float32)
     if self.difficult_as_positive:
       labels = np.maximum(labels, np.asarray(record['difficult'], np.float32))
@@ -258,9 +283,10 @@ class _SkipIterator(grain.DatasetIterator):
     seen = self._kept_in_epoch + self._skipped_in_epoch
     if seen >= self._records_per_epoch and self._kept_in_epoch < self._batch_size:
       raise InputError(
-          f'the train split has {self._kept_in_epoch} readable record(s) of {seen} per epoch on '
-          f'this process; one batch needs {self._batch_size}. Restore the unreadable images '
-          '(see the warnings above).')
+        f'the train split has {self._kept_in_epoch} readable record(s) of {seen} per epoch on '
+        f'this process; one batch needs {self._batch_size}. Restore the unreadable images '
+        '(see the warnings above).'
+      )
 
   def __next__(self) -> dict[str, Any]:
     while True:
@@ -269,9 +295,13 @@ class _SkipIterator(grain.DatasetIterator):
       if epoch != self._epoch:
         if self._epoch is not None:
           self._check_epoch()
-          logging.info('Input pipeline: epoch %d ended, %d unreadable records skipped on this '
-                       'process (%d in total).', self._epoch, self._skipped_in_epoch,
-                       self._skipped)
+          logging.info(
+            'Input pipeline: epoch %d ended, %d unreadable records skipped on this '
+            'process (%d in total).',
+            self._epoch,
+            self._skipped_in_epoch,
+            self._skipped,
+          )
         self._epoch, self._kept_in_epoch, self._skipped_in_epoch = epoch, 0, 0
       if not bool(element['skipped']):
         self._kept_in_epoch += 1
@@ -301,17 +331,17 @@ class _SkipDataset(grain.IterDataset):
 
 
 def train_iterator(
-    source,
-    *,
-    batch_size: int,
-    image_size: int,
-    augment: str,
-    seed: int,
-    difficult_as_positive: bool = True,
-    worker_count: int = 0,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    skip_unreadable: bool = False,
+  source,
+  *,
+  batch_size: int,
+  image_size: int,
+  augment: str,
+  seed: int,
+  difficult_as_positive: bool = True,
+  worker_count: int = 0,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  skip_unreadable: bool = False,
 ) -> grain.DatasetIterator:
   """Endless stream of per-process train batches (see module docstring).
 
@@ -332,9 +362,14 @@ def train_iterator(
   shard_index, shard_count = _shards(shard_index, shard_count)
   if len(source) == 0:
     raise ValueError(f'train_iterator: the source {source!r} is empty')
-  transform = _TrainTransform(source, image_size=image_size, augment=augment, seed=seed,
-                              difficult_as_positive=difficult_as_positive,
-                              skip_unreadable=skip_unreadable)
+  transform = _TrainTransform(
+    source,
+    image_size=image_size,
+    augment=augment,
+    seed=seed,
+    difficult_as_positive=difficult_as_positive,
+    skip_unreadable=skip_unreadable,
+  )
   # Records are read inside the transform, so that skip_unreadable can catch per record.
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
   ds = ds.map_with_index(transform)[shard_index::shard_count]
@@ -346,10 +381,10 @@ def train_iterator(
   # Skipped records leave holes, so batches are formed after filtering, in this process.
   it = ds.to_iter_dataset(_read_options(2 * batch_size))
   if worker_count > 0:
-    it = _workers(it, grain.MultiprocessingOptions(num_workers=worker_count,
-                                                   per_worker_buffer_size=batch_size))
-  it = _SkipDataset(it, records_per_epoch=max(1, len(source) // shard_count),
-                   batch_size=batch_size)
+    it = _workers(
+      it, grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=batch_size)
+    )
+  it = _SkipDataset(it, records_per_epoch=max(1, len(source) // shard_count), batch_size=batch_size)
   it = it.batch(batch_size, drop_remainder=True)
   return iter(it)
 
@@ -358,8 +393,9 @@ class _EvalRecord:
   """Position in the padded per-process sequence -> resized example or masked padding (also
   for a record `SkipUnreadable` marks unreadable)."""
 
-  def __init__(self, source, *, image_size: int, shard_index: int, shard_count: int,
-               num_classes: int):
+  def __init__(
+    self, source, *, image_size: int, shard_index: int, shard_count: int, num_classes: int
+  ):
     self.source = source
     self.image_size = image_size
     self.shard_index = shard_index
@@ -371,21 +407,29 @@ class _EvalRecord:
     record = self.source[record_index] if record_index < len(self.source) else None
     if record is None or record.get('unreadable'):
       k, s = self.num_classes, self.image_size
-      return {'image': np.zeros((s, s, 3), np.uint8), 'labels': np.zeros(k, np.float32),
-              'difficult': np.zeros(k, bool), 'mask': np.bool_(False)}
+      return {
+        'image': np.zeros((s, s, 3), np.uint8),
+        'labels': np.zeros(k, np.float32),
+        'difficult': np.zeros(k, bool),
+        'mask': np.bool_(False),
+      }
     image = np.asarray(augment_lib.resize(record['image'], self.image_size), np.uint8)
-    return {'image': image, 'labels': np.asarray(record['labels'], np.float32),
-            'difficult': np.asarray(record['difficult'], bool), 'mask': np.bool_(True)}
+    return {
+      'image': image,
+      'labels': np.asarray(record['labels'], np.float32),
+      'difficult': np.asarray(record['difficult'], bool),
+      'mask': np.bool_(True),
+    }
 
 
 def eval_batches(
-    source,
-    *,
-    batch_size: int,
-    image_size: int,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    worker_count: int = 0,
+  source,
+  *,
+  batch_size: int,
+  image_size: int,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  worker_count: int = 0,
 ) -> Iterable[dict[str, np.ndarray]]:
   """Deterministic, padded eval batches for this process (see module docstring).
 
@@ -400,8 +444,13 @@ def eval_batches(
     raise ValueError(f'eval_batches: the source {source!r} is empty')
   per_process = -(-n // shard_count)
   num_batches = -(-per_process // batch_size)
-  fn = _EvalRecord(source, image_size=image_size, shard_index=shard_index,
-                   shard_count=shard_count, num_classes=len(source.class_names))
+  fn = _EvalRecord(
+    source,
+    image_size=image_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_classes=len(source.class_names),
+  )
   ds = grain.MapDataset.range(num_batches * batch_size).map(fn).batch(batch_size)
   it = ds.to_iter_dataset(_read_options(_READ_THREADS))
   if worker_count > 0:

@@ -35,19 +35,29 @@ DEFAULT_NUM_EXAMPLES = {'train': 6000, 'val': 1000, 'test': 1000}
 
 # (shape, RGB colour). Colours are far apart so that a tiny network separates classes early.
 _CLASSES = (
-    ('circle', (220, 40, 40)),
-    ('square', (40, 180, 60)),
-    ('triangle', (50, 80, 235)),
-    ('cross', (235, 215, 40)),
-    ('ring', (215, 50, 205)),
-    ('diamond', (40, 205, 215)),
-    ('bar', (245, 140, 25)),
-    ('star', (245, 245, 245)),
-    ('hexagon', (125, 50, 175)),
-    ('frame', (15, 15, 15)),
+  ('circle', (220, 40, 40)),
+  ('square', (40, 180, 60)),
+  ('triangle', (50, 80, 235)),
+  ('cross', (235, 215, 40)),
+  ('ring', (215, 50, 205)),
+  ('diamond', (40, 205, 215)),
+  ('bar', (245, 140, 25)),
+  ('star', (245, 245, 245)),
+  ('hexagon', (125, 50, 175)),
+  ('frame', (15, 15, 15)),
 )
-_COLOUR_NAMES = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan', 'orange', 'white',
-                 'purple', 'black')
+_COLOUR_NAMES = (
+  'red',
+  'green',
+  'blue',
+  'yellow',
+  'magenta',
+  'cyan',
+  'orange',
+  'white',
+  'purple',
+  'black',
+)
 MAX_OBJECTS = 4
 MIN_CLASSES = 7  # groups A and B, the two excluded classes 5 and 6
 DISTRACTOR_PROB = 0.35  # per free cell
@@ -79,10 +89,13 @@ def sample_classes(rng: np.random.Generator, num_classes: int) -> list[int]:
   if rng.random() < 0.3:
     members = list(rng.permutation(_GROUP_B))
     take = 3 if rng.random() < 0.4 else 2
-    present += [int(m) for m in members[:min(take, MAX_OBJECTS - len(present))]]
-  singles = [k for k in range(5, num_classes)
-             if not (k == 5 and any(c in _GROUP_A for c in present))
-             and not (k == 6 and any(c in _GROUP_B for c in present))]
+    present += [int(m) for m in members[: min(take, MAX_OBJECTS - len(present))]]
+  singles = [
+    k
+    for k in range(5, num_classes)
+    if not (k == 5 and any(c in _GROUP_A for c in present))
+    and not (k == 6 and any(c in _GROUP_B for c in present))
+  ]
   for k in rng.permutation(singles):
     if len(present) >= MAX_OBJECTS:
       break
@@ -93,8 +106,9 @@ def sample_classes(rng: np.random.Generator, num_classes: int) -> list[int]:
   return present
 
 
-def _polygon(cx: float, cy: float, r: float, n: int, angle: float,
-             inner: float | None = None) -> list[tuple[float, float]]:
+def _polygon(
+  cx: float, cy: float, r: float, n: int, angle: float, inner: float | None = None
+) -> list[tuple[float, float]]:
   pts = []
   for i in range(n * (2 if inner else 1)):
     rad = r if (inner is None or i % 2 == 0) else inner
@@ -103,8 +117,15 @@ def _polygon(cx: float, cy: float, r: float, n: int, angle: float,
   return pts
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
-          colour: tuple[int, int, int]) -> None:
+def _draw(
+  draw: ImageDraw.ImageDraw,
+  shape: str,
+  cx: float,
+  cy: float,
+  r: float,
+  angle: float,
+  colour: tuple[int, int, int],
+) -> None:
   w = max(1, round(r / 2.5))
   if shape == 'circle':
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -115,8 +136,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
   elif shape == 'frame':
     draw.polygon(_polygon(cx, cy, r * 1.25, 4, math.pi / 4), outline=colour, width=w)
   elif shape == 'diamond':
-    draw.polygon([(cx, cy - r * 1.2), (cx + r * 0.75, cy), (cx, cy + r * 1.2),
-                  (cx - r * 0.75, cy)], fill=colour)
+    draw.polygon(
+      [(cx, cy - r * 1.2), (cx + r * 0.75, cy), (cx, cy + r * 1.2), (cx - r * 0.75, cy)],
+      fill=colour,
+    )
   elif shape == 'triangle':
     draw.polygon(_polygon(cx, cy, r * 1.15, 3, angle), fill=colour)
   elif shape == 'hexagon':
@@ -132,8 +155,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
     raise AssertionError(shape)
 
 
-def _distractors(rng: np.random.Generator, classes: list[int], num_classes: int
-                 ) -> list[tuple[str, np.ndarray]]:
+def _distractors(
+  rng: np.random.Generator, classes: list[int], num_classes: int
+) -> list[tuple[str, np.ndarray]]:
   """Unlabelled objects for the free cells: a class's colour on another class's shape."""
   out = []
   for _ in range(MAX_OBJECTS - len(classes)):
@@ -144,8 +168,9 @@ def _distractors(rng: np.random.Generator, classes: list[int], num_classes: int
   return out
 
 
-def render(rng: np.random.Generator, classes: list[int], image_size: int,
-           num_classes: int) -> np.ndarray:
+def render(
+  rng: np.random.Generator, classes: list[int], image_size: int, num_classes: int
+) -> np.ndarray:
   """Draws the given classes, plus distractors, into one uint8 [S, S, 3] image."""
   s = image_size
   field = rng.integers(70, 170, size=(3, 3, 3), dtype=np.uint8)
@@ -169,8 +194,15 @@ def render(rng: np.random.Generator, classes: list[int], image_size: int,
 class SyntheticSource:
   """Random-access source of synthetic records, a pure function of (seed, split, index)."""
 
-  def __init__(self, *, split: str, num_examples: int | None = None, image_size: int = 64,
-               num_classes: int = 10, seed: int = 0):
+  def __init__(
+    self,
+    *,
+    split: str,
+    num_examples: int | None = None,
+    image_size: int = 64,
+    num_classes: int = 10,
+    seed: int = 0,
+  ):
     if split not in SPLITS:
       raise ValueError(f'synthetic: unknown split {split!r}; expected one of {tuple(SPLITS)}')
     self.split = split
@@ -180,8 +212,10 @@ class SyntheticSource:
     if image_size < 16:
       raise ValueError(f'synthetic: image_size must be >= 16, got {image_size}')
     if num_classes < MIN_CLASSES:
-      raise ValueError(f'synthetic: num_classes must be >= {MIN_CLASSES} for the designed '
-                       f'co-occurrence groups, got {num_classes}')
+      raise ValueError(
+        f'synthetic: num_classes must be >= {MIN_CLASSES} for the designed '
+        f'co-occurrence groups, got {num_classes}'
+      )
     self.image_size = image_size
     self.num_classes = num_classes
     self.seed = seed
@@ -198,24 +232,38 @@ class SyntheticSource:
     labels = np.zeros(self.num_classes, np.float32)
     labels[classes] = 1.0
     return {
-        'image': render(rng, classes, self.image_size, self.num_classes),
-        'labels': labels,
-        'difficult': np.zeros(self.num_classes, bool),
-        'id': f'synthetic-{self.split}-{index}',
+      'image': render(rng, classes, self.image_size, self.num_classes),
+      'labels': labels,
+      'difficult': np.zeros(self.num_classes, bool),
+      'id': f'synthetic-{self.split}-{index}',
     }
 
   def __repr__(self) -> str:
-    return (f'SyntheticSource(split={self.split}, {self.num_examples} records, '
-            f'K={self.num_classes}, {self.image_size}px, seed={self.seed})')
+    return (
+      f'SyntheticSource(split={self.split}, {self.num_examples} records, '
+      f'K={self.num_classes}, {self.image_size}px, seed={self.seed})'
+    )
 
 
-def synthetic(*, root: str | None = None, split: str, num_examples: int | None = None,
-              image_size: int = 64, num_classes: int = 10, seed: int = 0) -> SyntheticSource:
+def synthetic(
+  *,
+  root: str | None = None,
+  split: str,
+  num_examples: int | None = None,
+  image_size: int = 64,
+  num_classes: int = 10,
+  seed: int = 0,
+) -> SyntheticSource:
   """`get_source` entry point; reads nothing from disk (`root` is ignored).
 
   Options: `num_examples` (None: the split's default size, DEFAULT_NUM_EXAMPLES), `image_size`
   (square side in pixels, >= 16), `num_classes` (>= 7) and `seed`.
   """
   del root
-  return SyntheticSource(split=split, num_examples=num_examples, image_size=image_size,
-                         num_classes=num_classes, seed=seed)
+  return SyntheticSource(
+    split=split,
+    num_examples=num_examples,
+    image_size=image_size,
+    num_classes=num_classes,
+    seed=seed,
+  )

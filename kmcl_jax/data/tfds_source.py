@@ -30,8 +30,8 @@ from kmcl_jax.data.base import select
 
 # Our split names -> TFDS split expressions, per dataset (others pass through unchanged).
 _SPLIT_NAMES = {
-    'voc/2007': {'trainval': 'train+validation', 'val': 'validation'},
-    'coco/2014': {'val': 'validation'},
+  'voc/2007': {'trainval': 'train+validation', 'val': 'validation'},
+  'coco/2014': {'val': 'validation'},
 }
 _SCAN_CHUNK = 1024
 
@@ -63,8 +63,8 @@ def map_generic(example: dict[str, Any], num_classes: int) -> tuple[np.ndarray, 
 
 
 MAPPERS: dict[str, Callable[[dict[str, Any], int], tuple[np.ndarray, np.ndarray, str]]] = {
-    'voc/2007': map_voc,
-    'coco/2014': map_coco,
+  'voc/2007': map_voc,
+  'coco/2014': map_coco,
 }
 # Whether a dataset drops all-negative examples by default.
 _DROP_NEGATIVE_BY_DEFAULT = {'coco/2014': True}
@@ -81,10 +81,19 @@ def class_names_of(dataset: str, features: Mapping[str, Any]) -> tuple[str, ...]
 class TfdsSource:
   """Random-access source over a TFDS data source and a mapper (see module docstring)."""
 
-  def __init__(self, data_source: Sequence[dict[str, Any]], *, dataset: str,
-               class_names: Sequence[str], description: str, keep_all_negative: bool,
-               fraction: float | None = None, subset_size: int | None = None,
-               subset_seed: int = 0, scan_source: Sequence[dict[str, Any]] | None = None):
+  def __init__(
+    self,
+    data_source: Sequence[dict[str, Any]],
+    *,
+    dataset: str,
+    class_names: Sequence[str],
+    description: str,
+    keep_all_negative: bool,
+    fraction: float | None = None,
+    subset_size: int | None = None,
+    subset_seed: int = 0,
+    scan_source: Sequence[dict[str, Any]] | None = None,
+  ):
     self.data_source = data_source
     self.dataset = dataset
     self.mapper = MAPPERS.get(dataset, map_generic)
@@ -98,9 +107,15 @@ class TfdsSource:
       labels, difficult = np.ones((n, 1), np.float32), np.zeros((n, 1), bool)
     else:
       labels, difficult = self._scan(scan_source if scan_source is not None else data_source, k)
-    self.indices = select(labels, difficult, keep_all_negative=keep_all_negative,
-                          fraction=fraction, subset_size=subset_size, subset_seed=subset_seed,
-                          description=description)
+    self.indices = select(
+      labels,
+      difficult,
+      keep_all_negative=keep_all_negative,
+      fraction=fraction,
+      subset_size=subset_size,
+      subset_seed=subset_seed,
+      description=description,
+    )
 
   def _scan(self, source: Sequence[dict[str, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.zeros((len(source), k), np.float32)
@@ -133,26 +148,33 @@ def _open(dataset: str, split: str, root: str | None, decoders=None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
   try:
-    return tfds.data_source(dataset, split=split, data_dir=root, download=False,
-                            decoders=decoders)
+    return tfds.data_source(dataset, split=split, data_dir=root, download=False, decoders=decoders)
   except ModuleNotFoundError as e:
     if 'tensorflow' not in str(e):
       raise
-    data_dir = os.path.expanduser(root or os.environ.get('TFDS_DATA_DIR',
-                                                         '~/tensorflow_datasets'))
+    data_dir = os.path.expanduser(root or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
     base = os.path.join(data_dir, *dataset.split('/'))
     versions = sorted(os.listdir(base)) if os.path.isdir(base) else []
     if not versions:
-      raise FileNotFoundError(f'TFDS dataset {dataset} not prepared: expected {base}/<version>/ '
-                              f'(run `tfds build {dataset} --file_format=array_record`)') from e
+      raise FileNotFoundError(
+        f'TFDS dataset {dataset} not prepared: expected {base}/<version>/ '
+        f'(run `tfds build {dataset} --file_format=array_record`)'
+      ) from e
     builder = tfds.builder_from_directory(os.path.join(base, versions[-1]))
     return builder.as_data_source(split=split, decoders=decoders)
 
 
-def tfds_source(*, root: str | None, split: str, dataset: str,
-                keep_all_negative: bool | None = None, fraction: float | None = None,
-                subset_size: int | None = None, subset_seed: int = 0,
-                decode_size: int | None = None) -> TfdsSource:
+def tfds_source(
+  *,
+  root: str | None,
+  split: str,
+  dataset: str,
+  keep_all_negative: bool | None = None,
+  fraction: float | None = None,
+  subset_size: int | None = None,
+  subset_seed: int = 0,
+  decode_size: int | None = None,
+) -> TfdsSource:
   """TFDS source; `split` in this package's names (trainval/test, train/val) or TFDS's.
 
   `decode_size` is accepted like every source does and ignored: TFDS decodes the images.
@@ -164,11 +186,19 @@ def tfds_source(*, root: str | None, split: str, dataset: str,
   if keep_all_negative is None:
     keep_all_negative = not _DROP_NEGATIVE_BY_DEFAULT.get(dataset, False)
   data_source = _open(dataset, tfds_split, root)
-  scan = None if keep_all_negative else _open(dataset, tfds_split, root,
-                                              decoders={'image': tfds.decode.SkipDecoding()})
+  scan = (
+    None
+    if keep_all_negative
+    else _open(dataset, tfds_split, root, decoders={'image': tfds.decode.SkipDecoding()})
+  )
   return TfdsSource(
-      data_source, dataset=dataset,
-      class_names=class_names_of(dataset, data_source.dataset_info.features),
-      description=f'tfds {dataset} {tfds_split} in {root or "the default data_dir"}',
-      keep_all_negative=keep_all_negative, fraction=fraction, subset_size=subset_size,
-      subset_seed=subset_seed, scan_source=scan)
+    data_source,
+    dataset=dataset,
+    class_names=class_names_of(dataset, data_source.dataset_info.features),
+    description=f'tfds {dataset} {tfds_split} in {root or "the default data_dir"}',
+    keep_all_negative=keep_all_negative,
+    fraction=fraction,
+    subset_size=subset_size,
+    subset_seed=subset_seed,
+    scan_source=scan,
+  )

@@ -27,22 +27,45 @@ from kmcl_jax.data.base import (
   require_file,
 )
 
-CLASS_NAMES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-               'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
+CLASS_NAMES = (
+  'aeroplane',
+  'bicycle',
+  'bird',
+  'boat',
+  'bottle',
+  'bus',
+  'car',
+  'cat',
+  'chair',
+  'cow',
+  'diningtable',
+  'dog',
+  'horse',
+  'motorbike',
+  'person',
+  'pottedplant',
+  'sheep',
+  'sofa',
+  'train',
+  'tvmonitor',
+)
 SPLITS = ('trainval', 'test', 'train', 'val')
 
 
 def find_voc_dir(root: str) -> str:
   """The VOC2007 directory under `root` (root, root/VOC2007 or root/VOCdevkit/VOC2007)."""
   require_dir(root, 'VOC 2007 root')
-  for candidate in (os.path.join(root, 'VOCdevkit', 'VOC2007'), os.path.join(root, 'VOC2007'),
-                    root):
+  for candidate in (
+    os.path.join(root, 'VOCdevkit', 'VOC2007'),
+    os.path.join(root, 'VOC2007'),
+    root,
+  ):
     if os.path.isdir(os.path.join(candidate, 'ImageSets', 'Main')):
       return candidate
   raise FileNotFoundError(
-      f'VOC 2007 not found under {root}: expected {root}/VOCdevkit/VOC2007/ImageSets/Main and '
-      f'{root}/VOCdevkit/VOC2007/JPEGImages')
+    f'VOC 2007 not found under {root}: expected {root}/VOCdevkit/VOC2007/ImageSets/Main and '
+    f'{root}/VOCdevkit/VOC2007/JPEGImages'
+  )
 
 
 def _read_ids(path: str) -> list[str]:
@@ -73,23 +96,38 @@ def read_labels(voc_dir: str, split: str) -> tuple[list[str], np.ndarray, np.nda
     values = _read_class_file(path)
     missing = [i for i in ids if i not in values]
     if missing:
-      raise ValueError(f'{path}: no label for {len(missing)} image(s) of {split}.txt, e.g. '
-                       f'{missing[0]!r}')
+      raise ValueError(
+        f'{path}: no label for {len(missing)} image(s) of {split}.txt, e.g. {missing[0]!r}'
+      )
     raw[:, k] = [values[i] for i in ids]
   return ids, (raw == 1).astype(np.float32), raw == 0
 
 
-def voc2007(*, root: str, split: str, decode_size: int | None = None,
-            keep_all_negative: bool = True, fraction: float | None = None,
-            subset_size: int | None = None, subset_seed: int = 0) -> FileSource:
+def voc2007(
+  *,
+  root: str,
+  split: str,
+  decode_size: int | None = None,
+  keep_all_negative: bool = True,
+  fraction: float | None = None,
+  subset_size: int | None = None,
+  subset_seed: int = 0,
+) -> FileSource:
   """VOC 2007 source; splits 'trainval' (5,011) and 'test' (4,952), also 'train' and 'val'."""
   check_split('voc2007', split, SPLITS)
   voc_dir = find_voc_dir(root)
   image_dir = require_dir(os.path.join(voc_dir, 'JPEGImages'), 'VOC image folder')
   ids, labels, difficult = read_labels(voc_dir, split)
   return FileSource(
-      paths=[os.path.join(image_dir, f'{i}.jpg') for i in ids], labels=labels,
-      difficult=difficult, ids=ids, class_names=CLASS_NAMES,
-      description=f'voc2007 {split} at {voc_dir}', decode_size=decode_size,
-      keep_all_negative=keep_all_negative, fraction=fraction, subset_size=subset_size,
-      subset_seed=subset_seed)
+    paths=[os.path.join(image_dir, f'{i}.jpg') for i in ids],
+    labels=labels,
+    difficult=difficult,
+    ids=ids,
+    class_names=CLASS_NAMES,
+    description=f'voc2007 {split} at {voc_dir}',
+    decode_size=decode_size,
+    keep_all_negative=keep_all_negative,
+    fraction=fraction,
+    subset_size=subset_size,
+    subset_seed=subset_seed,
+  )

@@ -13,15 +13,16 @@ from kmcl_jax.models.tresnet import TResNet
 
 # TResNet constructor arguments of the published variants (timm `tresnet_m`, ... `tresnet_v2_l`).
 ENCODERS: dict[str, dict] = {
-    'tresnet_m': dict(layers=(3, 4, 11, 3), width_factor=1.0),
-    'tresnet_l': dict(layers=(4, 5, 18, 3), width_factor=1.2),
-    'tresnet_xl': dict(layers=(4, 5, 24, 3), width_factor=1.3),
-    'tresnet_v2_l': dict(layers=(3, 4, 23, 3), width_factor=1.0, v2=True),
+  'tresnet_m': dict(layers=(3, 4, 11, 3), width_factor=1.0),
+  'tresnet_l': dict(layers=(4, 5, 18, 3), width_factor=1.2),
+  'tresnet_xl': dict(layers=(4, 5, 24, 3), width_factor=1.3),
+  'tresnet_v2_l': dict(layers=(3, 4, 23, 3), width_factor=1.0, v2=True),
 }
 
 
-def create_encoder(name: str, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32,
-                   **overrides) -> TResNet:
+def create_encoder(
+  name: str, *, rngs: nnx.Rngs, dtype: DTypeLike = jnp.float32, **overrides
+) -> TResNet:
   """Builds encoder `name`; `overrides` replace TResNet arguments (e.g. layers, width_factor)."""
   if name not in ENCODERS:
     raise ValueError(f'Unknown encoder {name!r}; valid names: {sorted(ENCODERS)}.')

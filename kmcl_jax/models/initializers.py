@@ -10,6 +10,7 @@ from jax.typing import DTypeLike
 
 def uniform(low: float, high: float) -> Initializer:
   """U(low, high); e.g. the paper's Table 6 U(0, 0.1) for the pi and mu weights."""
+
   def init(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, minval=low, maxval=high)
 

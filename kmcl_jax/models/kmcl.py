@@ -32,14 +32,31 @@ class KMCLModel(nnx.Module):
     **encoder_overrides: TResNet argument overrides (layers, width_factor) for small models.
   """
 
-  def __init__(self, encoder_name: str, num_classes: int, *, kind: str = 'bhattacharyya',
-               anisotropic: bool = False, reduced_dim: int = 128, asl_only: bool = False,
-               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs, **encoder_overrides):
+  def __init__(
+    self,
+    encoder_name: str,
+    num_classes: int,
+    *,
+    kind: str = 'bhattacharyya',
+    anisotropic: bool = False,
+    reduced_dim: int = 128,
+    asl_only: bool = False,
+    dtype: DTypeLike = jnp.float32,
+    rngs: nnx.Rngs,
+    **encoder_overrides,
+  ):
     self.encoder_name = encoder_name
     self.encoder = create_encoder(encoder_name, rngs=rngs, dtype=dtype, **encoder_overrides)
-    self.kmm = KernelMixtureModule(self.encoder.num_features, num_classes, kind=kind,
-                                   anisotropic=anisotropic, reduced_dim=reduced_dim,
-                                   asl_only=asl_only, dtype=dtype, rngs=rngs)
+    self.kmm = KernelMixtureModule(
+      self.encoder.num_features,
+      num_classes,
+      kind=kind,
+      anisotropic=anisotropic,
+      reduced_dim=reduced_dim,
+      asl_only=asl_only,
+      dtype=dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
     return self.kmm(self.encoder(images))

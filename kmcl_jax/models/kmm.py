@@ -54,14 +54,25 @@ class KernelMixtureModule(nnx.Module):
     dtype: computation dtype of the dense layers; outputs are always float32.
   """
 
-  def __init__(self, in_features: int, num_classes: int, *, kind: str = 'bhattacharyya',
-               anisotropic: bool = False, reduced_dim: int = 128, asl_only: bool = False,
-               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    num_classes: int,
+    *,
+    kind: str = 'bhattacharyya',
+    anisotropic: bool = False,
+    reduced_dim: int = 128,
+    asl_only: bool = False,
+    dtype: DTypeLike = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if kind not in KINDS:
       raise ValueError(f'KMM kind must be one of {KINDS}, got {kind!r}.')
     if in_features < 1 or num_classes < 1 or reduced_dim < 1:
-      raise ValueError('KMM in_features, num_classes and reduced_dim must be positive, got '
-                       f'{in_features}, {num_classes}, {reduced_dim}.')
+      raise ValueError(
+        'KMM in_features, num_classes and reduced_dim must be positive, got '
+        f'{in_features}, {num_classes}, {reduced_dim}.'
+      )
     self.num_classes = num_classes
     self.kind = kind
     self.anisotropic = anisotropic
@@ -70,8 +81,14 @@ class KernelMixtureModule(nnx.Module):
 
     if anisotropic and not asl_only:
       torch_default = initializers.torch_default_uniform(in_features)
-      self.reduce = nnx.Linear(in_features, reduced_dim, dtype=dtype, kernel_init=torch_default,
-                               bias_init=torch_default, rngs=rngs)
+      self.reduce = nnx.Linear(
+        in_features,
+        reduced_dim,
+        dtype=dtype,
+        kernel_init=torch_default,
+        bias_init=torch_default,
+        rngs=rngs,
+      )
       width = reduced_dim
     else:
       self.reduce = None
@@ -102,9 +119,11 @@ class KernelMixtureModule(nnx.Module):
       d = self.kernel_dim
       # Dimension-major layout of the authors' checkpoints: [N, D, K] -> [N, K, D].
       mu = mu.reshape(n, d, k).swapaxes(1, 2)
-      var = {'bhattacharyya': lambda v: v.reshape(n, d, k).swapaxes(1, 2),
-             'mahalanobis': lambda v: v[:, None, :],
-             'gaussian': lambda v: v[:, None, :]}[self.kind](var)
+      var = {
+        'bhattacharyya': lambda v: v.reshape(n, d, k).swapaxes(1, 2),
+        'mahalanobis': lambda v: v[:, None, :],
+        'gaussian': lambda v: v[:, None, :],
+      }[self.kind](var)
     elif self.kind == 'mahalanobis':
       var = var[:, None, :]
     out.update(mu=mu, var=var)

@@ -42,26 +42,37 @@ def forward_macs(module_fn: Callable[[], nnx.Module], image_size: int, batch: in
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m kmcl_jax.models.summary',
-                                   description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m kmcl_jax.models.summary', description=__doc__.split('\n')[0]
+  )
   parser.add_argument('--model', default='tresnet_m', choices=sorted(ENCODERS))
   parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--num-classes', type=int, default=0,
-                      help='> 0: the full KMCL model (isotropic Bhattacharyya KMM); 0: encoder')
+  parser.add_argument(
+    '--num-classes',
+    type=int,
+    default=0,
+    help='> 0: the full KMCL model (isotropic Bhattacharyya KMM); 0: encoder',
+  )
   args = parser.parse_args(argv)
 
   if args.num_classes > 0:
+
     def build():
       return KMCLModel(args.model, args.num_classes, rngs=nnx.Rngs(0))
+
     what = f'KMCL {args.model} ({args.num_classes} classes)'
   else:
+
     def build():
       return create_encoder(args.model, rngs=nnx.Rngs(0))
+
     what = f'{args.model} encoder (no classifier)'
   params = parameter_count(build)
   macs = forward_macs(build, args.image_size)
-  print(f'{what} at {args.image_size} px: {params:,} parameters ({params / 1e6:.2f} M), '
-        f'{macs / 1e9:.2f} GMAC forward (XLA flops / 2)')
+  print(
+    f'{what} at {args.image_size} px: {params:,} parameters ({params / 1e6:.2f} M), '
+    f'{macs / 1e9:.2f} GMAC forward (XLA flops / 2)'
+  )
 
 
 if __name__ == '__main__':

@@ -57,8 +57,10 @@ def blur_downsample(x: jax.Array) -> jax.Array:
   """
   x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
   ho, wo = (x.shape[1] - 1) // 2, (x.shape[2] - 1) // 2
-  x = (x[:, 0:2 * ho:2] + 2 * x[:, 1:2 * ho + 1:2] + x[:, 2:2 * ho + 2:2]) * 0.25
-  return (x[:, :, 0:2 * wo:2] + 2 * x[:, :, 1:2 * wo + 1:2] + x[:, :, 2:2 * wo + 2:2]) * 0.25
+  x = (x[:, 0 : 2 * ho : 2] + 2 * x[:, 1 : 2 * ho + 1 : 2] + x[:, 2 : 2 * ho + 2 : 2]) * 0.25
+  return (
+    x[:, :, 0 : 2 * wo : 2] + 2 * x[:, :, 1 : 2 * wo + 1 : 2] + x[:, :, 2 : 2 * wo + 2 : 2]
+  ) * 0.25
 
 
 def avg_pool_ceil(x: jax.Array) -> jax.Array:
@@ -94,17 +96,38 @@ def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
 class ConvNormAct(nnx.Module):
   """Conv (no bias) -> BatchNorm -> optional leaky ReLU -> optional anti-aliased stride 2."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
-               slope: float | None, blur: bool = False, zero_scale: bool = False,
-               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
-                         padding=kernel_size // 2, use_bias=False, dtype=dtype,
-                         kernel_init=_conv_init, rngs=rngs)
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    slope: float | None,
+    blur: bool = False,
+    zero_scale: bool = False,
+    dtype: DTypeLike = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = nnx.Conv(
+      in_channels,
+      out_channels,
+      (kernel_size, kernel_size),
+      padding=kernel_size // 2,
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=_conv_init,
+      rngs=rngs,
+    )
     # Two-pass variance: E[x^2]-E[x]^2 loses digits that the 1e-4 parity budget needs.
-    self.bn = nnx.BatchNorm(out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
-                            use_fast_variance=False,
-                            scale_init=(nnx.initializers.zeros if zero_scale
-                                        else nnx.initializers.ones), rngs=rngs)
+    self.bn = nnx.BatchNorm(
+      out_channels,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      dtype=dtype,
+      use_fast_variance=False,
+      scale_init=(nnx.initializers.zeros if zero_scale else nnx.initializers.ones),
+      rngs=rngs,
+    )
     self.slope = slope
     self.blur = blur
 
@@ -118,12 +141,26 @@ class ConvNormAct(nnx.Module):
 class Shortcut(nnx.Module):
   """Projection shortcut: [2x2 ceil-mode avg pool when strided] -> 1x1 conv -> BN."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, pool: bool, dtype: DTypeLike,
-               rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, dtype=dtype,
-                         kernel_init=_conv_init, rngs=rngs)
-    self.bn = nnx.BatchNorm(out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
-                            use_fast_variance=False, rngs=rngs)
+  def __init__(
+    self, in_channels: int, out_channels: int, *, pool: bool, dtype: DTypeLike, rngs: nnx.Rngs
+  ):
+    self.conv = nnx.Conv(
+      in_channels,
+      out_channels,
+      (1, 1),
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=_conv_init,
+      rngs=rngs,
+    )
+    self.bn = nnx.BatchNorm(
+      out_channels,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      dtype=dtype,
+      use_fast_variance=False,
+      rngs=rngs,
+    )
     self.pool = pool
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,10 +173,24 @@ class SqueezeExcite(nnx.Module):
   """Spatial mean -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate (both convs with bias)."""
 
   def __init__(self, channels: int, hidden: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
-    self.fc1 = nnx.Conv(channels, hidden, (1, 1), dtype=dtype, kernel_init=_conv_init,
-                        bias_init=initializers.torch_default_uniform(channels), rngs=rngs)
-    self.fc2 = nnx.Conv(hidden, channels, (1, 1), dtype=dtype, kernel_init=_conv_init,
-                        bias_init=initializers.torch_default_uniform(hidden), rngs=rngs)
+    self.fc1 = nnx.Conv(
+      channels,
+      hidden,
+      (1, 1),
+      dtype=dtype,
+      kernel_init=_conv_init,
+      bias_init=initializers.torch_default_uniform(channels),
+      rngs=rngs,
+    )
+    self.fc2 = nnx.Conv(
+      hidden,
+      channels,
+      (1, 1),
+      dtype=dtype,
+      kernel_init=_conv_init,
+      bias_init=initializers.torch_default_uniform(hidden),
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     s = x.mean(axis=(1, 2), keepdims=True)
@@ -152,15 +203,17 @@ class BasicBlock(nnx.Module):
 
   expansion = 1
 
-  def __init__(self, inplanes: int, planes: int, *, stride: int, use_se: bool,
-               dtype: DTypeLike, rngs: nnx.Rngs):
+  def __init__(
+    self, inplanes: int, planes: int, *, stride: int, use_se: bool, dtype: DTypeLike, rngs: nnx.Rngs
+  ):
     self.downsample = _shortcut(inplanes, planes * self.expansion, stride, dtype, rngs)
-    self.conv1 = ConvNormAct(inplanes, planes, 3, slope=BLOCK_SLOPE, blur=stride == 2,
-                             dtype=dtype, rngs=rngs)
-    self.conv2 = ConvNormAct(planes, planes, 3, slope=None, zero_scale=True, dtype=dtype,
-                             rngs=rngs)
-    self.se = (SqueezeExcite(planes, max(planes // 4, 64), dtype=dtype, rngs=rngs)
-               if use_se else None)
+    self.conv1 = ConvNormAct(
+      inplanes, planes, 3, slope=BLOCK_SLOPE, blur=stride == 2, dtype=dtype, rngs=rngs
+    )
+    self.conv2 = ConvNormAct(planes, planes, 3, slope=None, zero_scale=True, dtype=dtype, rngs=rngs)
+    self.se = (
+      SqueezeExcite(planes, max(planes // 4, 64), dtype=dtype, rngs=rngs) if use_se else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shortcut = x if self.downsample is None else self.downsample(x)
@@ -175,17 +228,17 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, inplanes: int, planes: int, *, stride: int, use_se: bool,
-               dtype: DTypeLike, rngs: nnx.Rngs):
+  def __init__(
+    self, inplanes: int, planes: int, *, stride: int, use_se: bool, dtype: DTypeLike, rngs: nnx.Rngs
+  ):
     width = planes * self.expansion
     self.downsample = _shortcut(inplanes, width, stride, dtype, rngs)
     self.conv1 = ConvNormAct(inplanes, planes, 1, slope=BLOCK_SLOPE, dtype=dtype, rngs=rngs)
-    self.conv2 = ConvNormAct(planes, planes, 3, slope=BLOCK_SLOPE, blur=stride == 2,
-                             dtype=dtype, rngs=rngs)
-    self.se = (SqueezeExcite(planes, max(width // 8, 64), dtype=dtype, rngs=rngs)
-               if use_se else None)
-    self.conv3 = ConvNormAct(planes, width, 1, slope=None, zero_scale=True, dtype=dtype,
-                             rngs=rngs)
+    self.conv2 = ConvNormAct(
+      planes, planes, 3, slope=BLOCK_SLOPE, blur=stride == 2, dtype=dtype, rngs=rngs
+    )
+    self.se = SqueezeExcite(planes, max(width // 8, 64), dtype=dtype, rngs=rngs) if use_se else None
+    self.conv3 = ConvNormAct(planes, width, 1, slope=None, zero_scale=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shortcut = x if self.downsample is None else self.downsample(x)
@@ -195,8 +248,9 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(self.conv3(out) + shortcut)
 
 
-def _shortcut(inplanes: int, outplanes: int, stride: int, dtype: DTypeLike,
-              rngs: nnx.Rngs) -> Shortcut | None:
+def _shortcut(
+  inplanes: int, outplanes: int, stride: int, dtype: DTypeLike, rngs: nnx.Rngs
+) -> Shortcut | None:
   if stride == 1 and inplanes == outplanes:
     return None
   return Shortcut(inplanes, outplanes, pool=stride == 2, dtype=dtype, rngs=rngs)
@@ -215,8 +269,16 @@ class TResNet(nnx.Module):
     rngs: parameter initialisation RNG.
   """
 
-  def __init__(self, layers: Sequence[int], *, width_factor: float = 1.0, v2: bool = False,
-               in_channels: int = 3, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    layers: Sequence[int],
+    *,
+    width_factor: float = 1.0,
+    v2: bool = False,
+    in_channels: int = 3,
+    dtype: DTypeLike = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if len(layers) != 4 or min(layers) < 1:
       raise ValueError(f'TResNet layers must be four positive block counts, got {layers}.')
     planes = int(64 * width_factor)
@@ -226,23 +288,31 @@ class TResNet(nnx.Module):
       raise ValueError(f'TResNet width_factor {width_factor} gives no channels.')
     self.dtype = dtype
     early = Bottleneck if v2 else BasicBlock
-    self.conv1 = ConvNormAct(in_channels * 16, planes, 3, slope=STEM_SLOPE, dtype=dtype,
-                             rngs=rngs)
+    self.conv1 = ConvNormAct(in_channels * 16, planes, 3, slope=STEM_SLOPE, dtype=dtype, rngs=rngs)
     inplanes = planes
     stages = []
     for i, (block, n_blocks) in enumerate(zip((early, early, Bottleneck, Bottleneck), layers)):
-      stage_planes = planes * 2 ** i
+      stage_planes = planes * 2**i
       blocks = []
       for j in range(n_blocks):
-        blocks.append(block(inplanes, stage_planes, stride=2 if (i > 0 and j == 0) else 1,
-                            use_se=i < 3, dtype=dtype, rngs=rngs))
+        blocks.append(
+          block(
+            inplanes,
+            stage_planes,
+            stride=2 if (i > 0 and j == 0) else 1,
+            use_se=i < 3,
+            dtype=dtype,
+            rngs=rngs,
+          )
+        )
         inplanes = stage_planes * block.expansion
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
     self.num_features = inplanes
 
-  def __call__(self, images: jax.Array, *, return_feature_map: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, images: jax.Array, *, return_feature_map: bool = False
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Pooled features [N, F] (float32, or float64 for a float64 dtype); with `return_feature_map`
     also the last feature map [N, ceil(H/32), ceil(W/32), F] in the computation dtype."""
     x = self.conv1(space_to_depth(images.astype(self.dtype)))
@@ -251,4 +321,3 @@ class TResNet(nnx.Module):
         x = block(x)
     pooled = x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
     return (pooled, x) if return_feature_map else pooled
-
