@@ -68,11 +68,11 @@ def _check_process_flags(values):
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and grain (dozens of lines per checkpoint), and the
+  """Drops the INFO chatter of orbax, grain and JAX (dozens of lines per checkpoint), and the
   tracebacks of their error lines (a failed save logs one per thread); --debug keeps those."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'jax'))
     if noisy and not _DEBUG.value:
       record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not noisy
@@ -128,6 +128,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before any library logs: the platform line below is the run's first.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Before anything touches a device: jax.distributed must see the backends start.
   distributed.initialize(
     _COORDINATOR.value,
@@ -135,7 +137,6 @@ def main(argv):
     _PROCESS_ID.value,
     timeout_s=_COORDINATOR_TIMEOUT.value,
   )
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log of the run: process 0's; others warn
   logging.info('%s', distributed.platform_line())
