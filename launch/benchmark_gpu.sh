@@ -2,6 +2,8 @@
 # Every benchmark that needs an accelerator, in one run (< 8 minutes on one H100/H200), no
 # network: JSON files in one folder, the tables on stdout (tee them into BENCHMARKS.md rows).
 #
+# Needs:   one NVIDIA GPU host with a CUDA jax (e.g. `make venv` there), this checkout, and
+#          for an image without network the wheels folder below.
 # Call:    launch/benchmark_gpu.sh [OUT_DIR]        (default runs/benchmarks-<date>)
 # Env:     PYTHON (default .venv/bin/python if present, else python3);
 #          WHEELS (default wheels/): when this folder exists, the packages missing from the
@@ -16,7 +18,7 @@
 #   also fetches their dependencies. Packages the image already has are left as they are.
 # and copy it with the checkout. Nothing is downloaded here.
 #
-# Writes, in OUT_DIR:
+# Writes:  in OUT_DIR,
 #   train_step_bf16_b64.json   TResNet-M 224 and TResNet-L 448, bf16, batch 64, step alone
 #   end_to_end_bf16_b64.json   TResNet-M 224, bf16, batch 64: the step alone and the whole
 #                              training loop on synthetic images, host and device augmentation

@@ -4,40 +4,19 @@ notebook (valid nbformat 4; its training command, with the smoke variant, runs h
 import json
 import os
 import shlex
-import signal
 import stat
 import subprocess
 import sys
 
 import pytest
+import run_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
-SCRIPTS = ('local_multiprocess.sh', 'gpu.sh', 'slurm.sbatch', 'tpu_vm.sh')
-TIMEOUT_S = 900
+SCRIPTS = ('local_multiprocess.sh', 'gpu.sh', 'slurm.sbatch', 'tpu_vm.sh', 'benchmark_gpu.sh')
 
 
-def _run(command, env=None, **kwargs):
-  """Runs to the end (or the timeout) in its own process group, then kills what is left."""
-  proc = subprocess.Popen(
-    command,
-    cwd=ROOT,
-    env=env,
-    text=True,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-    **kwargs,
-  )
-  try:
-    output, _ = proc.communicate(timeout=TIMEOUT_S)
-  finally:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    proc.wait()
-  return proc.returncode, output
+_run = run_helpers.run_process_group
 
 
 def _recorder(directory, name):

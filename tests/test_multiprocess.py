@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 
@@ -18,13 +17,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import run_helpers
 
 from configs import synthetic
 from kmcl_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
-RUN_TIMEOUT_S = 900
 SMOKE = ['--config=configs/synthetic.py:smoke']
 
 # Injected with PYTHONPATH into the trainer's processes: on its N-th train batch, the process
@@ -59,25 +58,7 @@ def env(tmp_path_factory):
 
 
 def _run(command, env, **extra_env):
-  """Runs `command` to the end (or the timeout) in its own process group; kills what is left."""
-  proc = subprocess.Popen(
-    command,
-    cwd=ROOT,
-    env=dict(env, **extra_env),
-    text=True,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-  )
-  try:
-    output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-  finally:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    proc.wait()
-  return proc.returncode, output
+  return run_helpers.run_process_group(command, env=dict(env, **extra_env))
 
 
 def _launch(workdir, env, *flags, **extra_env):

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_helpers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import base as base_config, synthetic, voc
+from configs import base as base_config, voc
 from kmcl_jax import (
   checkpoint as checkpoint_lib,
   evaluate as evaluate_lib,
@@ -34,15 +35,7 @@ from kmcl_jax.writer import MetricWriter
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _smoke(**changes):
-  config = synthetic.get_config('smoke')
-  for key, value in changes.items():
-    *path, leaf = key.split('.')
-    target = config
-    for part in path:
-      target = target[part]
-    target[leaf] = value
-  return config
+_smoke = run_helpers.smoke_config
 
 
 def _snapshot(root):

@@ -10,22 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import run_helpers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import synthetic
 from kmcl_jax import experiment, losses, train
 
-
-def _config(**changes):
-  config = synthetic.get_config('smoke')
-  for key, value in changes.items():
-    target = config
-    *path, leaf = key.split('.')
-    for part in path:
-      target = target[part]
-    target[leaf] = value
-  return config
+_config = run_helpers.smoke_config
 
 
 def _latest_params(workdir, step):

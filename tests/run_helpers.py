@@ -1,0 +1,46 @@
+"""Helpers shared by the tests that train the smoke config or start processes."""
+
+import os
+import signal
+import subprocess
+
+from configs import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESS_TIMEOUT_S = 900
+
+
+def smoke_config(**changes):
+  """The synthetic smoke config with dotted-key changes, e.g. smoke_config(**{'seed': 1})."""
+  config = synthetic.get_config('smoke')
+  for key, value in changes.items():
+    *path, leaf = key.split('.')
+    target = config
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+def run_process_group(command, *, env=None, **kwargs):
+  """Runs `command` in the repository root to the end (or the timeout) in its own process
+  group, then kills whatever it left; returns (exit code, stdout and stderr together)."""
+  proc = subprocess.Popen(
+    command,
+    cwd=ROOT,
+    env=env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+    **kwargs,
+  )
+  try:
+    output, _ = proc.communicate(timeout=PROCESS_TIMEOUT_S)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    proc.wait()
+  return proc.returncode, output
