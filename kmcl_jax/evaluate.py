@@ -64,10 +64,16 @@ TABLE_METRICS = (
 )
 
 
-def predict_step(params, batch_stats, images, *, graphdef, mean, std) -> jax.Array:
-  """Class probabilities sigmoid(pi_logits) in inference mode (running BN statistics)."""
+def model_outputs(params, batch_stats, images, *, graphdef, mean, std) -> dict[str, jax.Array]:
+  """The model's outputs (pi_logits, kernels, features) on uint8 images, in inference mode
+  (running BN statistics); the images are normalised here, inside the jitted function."""
   model = nnx.merge(graphdef, params, batch_stats)
-  out = model(pipeline.normalize(images, mean, std))
+  return model(pipeline.normalize(images, mean, std))
+
+
+def predict_step(params, batch_stats, images, *, graphdef, mean, std) -> jax.Array:
+  """Class probabilities sigmoid(pi_logits) in inference mode."""
+  out = model_outputs(params, batch_stats, images, graphdef=graphdef, mean=mean, std=std)
   return jax.nn.sigmoid(out['pi_logits'].astype(jnp.float32))
 
 

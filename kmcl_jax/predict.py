@@ -36,8 +36,8 @@ import tqdm
 from absl import app, flags, logging
 from flax import nnx
 
-from kmcl_jax import export as export_lib
-from kmcl_jax.data import augment, base as data_base, pipeline
+from kmcl_jax import evaluate, export as export_lib
+from kmcl_jax.data import augment, base as data_base
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 _DECODE_THREADS = 4  # PIL and libjpeg release the GIL while decoding and resizing
@@ -62,8 +62,7 @@ def predict_step(params, batch_stats, images, *, graphdef, mean, std) -> dict[st
 
   The probabilities are exactly `evaluate.predict_step`'s (same normalisation, same model).
   """
-  model = nnx.merge(graphdef, params, batch_stats)
-  out = model(pipeline.normalize(images, mean, std))
+  out = evaluate.model_outputs(params, batch_stats, images, graphdef=graphdef, mean=mean, std=std)
   result = {'probs': jax.nn.sigmoid(out['pi_logits'].astype(jnp.float32))}
   if 'var' in out:
     result['variance'] = per_class_variance(out['var'], out['pi_logits'].shape[-1])
