@@ -22,7 +22,7 @@ def smoke_config(**changes):
   return config
 
 
-def run_process_group(command, *, env=None, **kwargs):
+def run_process_group(command, env=None, **kwargs):
   """Runs `command` in the repository root to the end (or the timeout) in its own process
   group, then kills whatever it left; returns (exit code, stdout and stderr together)."""
   proc = subprocess.Popen(
