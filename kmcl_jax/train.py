@@ -440,8 +440,9 @@ def _train_loop(
 
 
 def _epoch_bar(step: int, num_steps: int, steps_per_epoch: int, *, enabled: bool):
-  """A progress bar over the steps of the epoch that contains `step`."""
-  epoch = step // steps_per_epoch
+  """A progress bar over the steps of the epoch that contains `step` (the last epoch when a
+  resumed run has no step left)."""
+  epoch = min(step, num_steps - 1) // steps_per_epoch
   start = epoch * steps_per_epoch
   total = min(start + steps_per_epoch, num_steps) - start
   return tqdm.tqdm(
