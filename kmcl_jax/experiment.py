@@ -17,11 +17,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from kmcl_jax import data as data_lib, losses, optim
+from kmcl_jax import data as data_lib, export as export_lib, losses, optim
 from kmcl_jax.data import augment_device, pipeline
-from kmcl_jax.models import ENCODERS, KMCLModel
+from kmcl_jax.models import COMPUTE_DTYPES, ENCODERS, KMCLModel
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 EXPORT_CHOICES = ('best', 'ema', 'model')
 
 
@@ -54,8 +53,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'model.image_size={config.model.image_size} must be a positive multiple of 32 '
       '(TResNet downsamples by 32).'
     )
-  if config.model.dtype not in DTYPES:
-    fail(f'model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}.')
+  if config.model.dtype not in COMPUTE_DTYPES:
+    fail(f'model.dtype={config.model.dtype!r} is not one of {sorted(COMPUTE_DTYPES)}.')
   if config.model.kind != config.loss.kind:
     fail(
       f'model.kind={config.model.kind!r} and loss.kind={config.loss.kind!r} differ; the '
@@ -174,18 +173,24 @@ def open_sources(
   return train, val, test
 
 
+def model_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings that shape the model, as `model.json` records them (`export.build_model`)."""
+  return {
+    'model': config.model.name,
+    'encoder_overrides': config.model.overrides.to_dict(),
+    'kmm': {
+      'kind': config.model.kind,
+      'anisotropic': config.model.anisotropic,
+      'reduced_dim': config.model.reduced_dim,
+      'asl_only': config.loss.asl_only,
+    },
+    'dtype': config.model.dtype,
+  }
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> KMCLModel:
-  return KMCLModel(
-    config.model.name,
-    num_classes,
-    kind=config.model.kind,
-    anisotropic=config.model.anisotropic,
-    reduced_dim=config.model.reduced_dim,
-    asl_only=config.loss.asl_only,
-    dtype=DTYPES[config.model.dtype],
-    rngs=nnx.Rngs(seed),
-    **config.model.overrides.to_dict(),
-  )
+  """The model the config describes; an export rebuilds it through the same function."""
+  return export_lib.build_model(model_layout(config), num_classes=num_classes, seed=seed)
 
 
 def total_steps(config: ml_collections.ConfigDict, train_size: int) -> tuple[int, int]:
@@ -241,19 +246,11 @@ def export_info(
   """The `model.json` of an export: everything needed to rebuild the model for inference."""
   mean, std = pipeline.NORMALIZATION[config.dataset.normalization]
   return {
-    'model': config.model.name,
+    **model_layout(config),
     'image_size': config.model.image_size,
-    'encoder_overrides': config.model.overrides.to_dict(),
-    'kmm': {
-      'kind': config.model.kind,
-      'anisotropic': config.model.anisotropic,
-      'reduced_dim': config.model.reduced_dim,
-      'asl_only': config.loss.asl_only,
-    },
     'normalization': {'name': config.dataset.normalization, 'mean': list(mean), 'std': list(std)},
     'class_names': list(class_names),
     'weights': weights,
     'step': int(step),
-    'dtype': config.model.dtype,
     'threshold': config.eval.threshold,
   }

@@ -18,14 +18,11 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from kmcl_jax.models import KMCLModel
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from kmcl_jax.models import COMPUTE_DTYPES, KMCLModel
 
 
 def write_export(directory: str, weights: Any, model_info: dict[str, Any]) -> None:
@@ -75,17 +72,20 @@ class Export:
     return np.full(k, float(self.info.get('threshold', 0.5)), np.float32)
 
 
-def build_model(info: dict[str, Any], *, seed: int = 0) -> KMCLModel:
-  """A freshly initialised model with the layout model.json describes."""
+def build_model(
+  info: dict[str, Any], *, num_classes: int | None = None, seed: int = 0
+) -> KMCLModel:
+  """A freshly initialised model with the layout model.json describes (the trainer builds its
+  model here too, from `experiment.model_layout`). `num_classes` defaults to the class names'."""
   kmm = info['kmm']
   return KMCLModel(
     info['model'],
-    len(info['class_names']),
+    len(info['class_names']) if num_classes is None else num_classes,
     kind=kmm['kind'],
     anisotropic=kmm['anisotropic'],
     reduced_dim=kmm['reduced_dim'],
     asl_only=kmm['asl_only'],
-    dtype=_DTYPES[info.get('dtype', 'float32')],
+    dtype=COMPUTE_DTYPES[info.get('dtype', 'float32')],
     rngs=nnx.Rngs(seed),
     **info.get('encoder_overrides', {}),
   )

@@ -11,6 +11,9 @@ from jax.typing import DTypeLike
 from kmcl_jax.models.kmm import KernelMixtureModule
 from kmcl_jax.models.tresnet import TResNet
 
+# model.dtype names -> computation dtypes (parameters and BatchNorm statistics stay float32).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
 # TResNet constructor arguments of the published variants (timm `tresnet_m`, ... `tresnet_v2_l`).
 ENCODERS: dict[str, dict] = {
   'tresnet_m': dict(layers=(3, 4, 11, 3), width_factor=1.0),
@@ -32,4 +35,11 @@ def create_encoder(
 # KMCLModel builds its encoder through create_encoder, so it is imported after it is defined.
 from kmcl_jax.models.kmcl import KMCLModel  # noqa: E402
 
-__all__ = ['ENCODERS', 'KMCLModel', 'KernelMixtureModule', 'TResNet', 'create_encoder']
+__all__ = [
+  'COMPUTE_DTYPES',
+  'ENCODERS',
+  'KMCLModel',
+  'KernelMixtureModule',
+  'TResNet',
+  'create_encoder',
+]
