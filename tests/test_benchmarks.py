@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from absl.testing import flagsaver
@@ -20,7 +21,7 @@ def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
   path = str(tmp_path / 'step.json')
   with flagsaver.flagsaver(smoke=True, json=path):
     train_step.main([])
-  result = json.load(open(path))
+  result = json.loads(Path(path).read_text())
   assert result['backend'] == 'cpu'
   (row,) = result['rows']
   for key in ('step_ms', 'images_per_s', 'compile_s', 'peak_memory_gib', 'step_tflop', 'mfu'):
@@ -42,7 +43,7 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
     timeout=300,
     capture_output=True,
   )
-  result = json.load(open(path))
+  result = json.loads(Path(path).read_text())
   assert result['ratio'] == pytest.approx(
     result['jax_step_s'] / result['torch_step_s'], rel=0.02
   )  # from unrounded medians

@@ -1,5 +1,6 @@
 """Sources read each dataset's real on-disk layout (fixtures in tests/data_fixtures.py)."""
 
+import gc
 import os
 import re
 
@@ -163,6 +164,10 @@ def test_synthetic_other_sizes():
 
 def test_tfds_voc_mock_data():
   tfds = pytest.importorskip('tensorflow_datasets')
+  # TFDS imports its builders under etils' lazy-import hook, which rejects relative imports.
+  # Garbage left by earlier tests (grain's multiprocessing semaphores, whose finalizers do
+  # `from .resource_tracker import ...`) must not be collected inside it.
+  gc.collect()
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     src = get_source('tfds', split='trainval', dataset='voc/2007')
     raw = tfds.data_source('voc/2007', split='train+validation')

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ def test_report_equals_evaluation_report_on_the_same_scores(smoke_run, tmp_path)
   config = synthetic.get_config('smoke')
   out = str(tmp_path / 'report')
   report = evaluate.run_report(config, os.path.join(workdir, 'export'), out=out, workdir=workdir)
-  assert json.load(open(os.path.join(out, 'report.json'))) == json.loads(json.dumps(report))
+  saved = json.loads(Path(out, 'report.json').read_text())
+  assert saved == json.loads(json.dumps(report))
   assert report['split'] == 'test' and report['num_examples'] == 64
 
   exported = export_lib.load_export(os.path.join(workdir, 'export'))
@@ -83,7 +85,7 @@ def test_report_equals_evaluation_report_on_the_same_scores(smoke_run, tmp_path)
   chosen = results['exported_weights']
   assert report['model']['mAP'] == pytest.approx(results['test'][chosen]['mAP'], abs=1e-4)
   assert report[f'checkpoint_{chosen}']['mAP'] == pytest.approx(report['model']['mAP'], abs=1e-6)
-  md = open(os.path.join(out, 'report.md')).read()
+  md = Path(out, 'report.md').read_text()
   assert '| weights | red_circle |' in md and '## Overall, threshold 0.5' in md
 
 
@@ -151,13 +153,13 @@ def test_command_tunes_thresholds_into_the_export(smoke_run, tmp_path):
   np.testing.assert_allclose(exported.thresholds(), want, atol=1e-6)
   np.testing.assert_array_equal(exported.thresholds(0.3), np.full(10, 0.3, np.float32))
 
-  report = json.load(open(os.path.join(export_dir, 'report.json')))
+  report = json.loads(Path(export_dir, 'report.json').read_text())
   assert set(report['tuned_thresholds']) == {'model'}
   assert report['tuned_thresholds']['model']['thresholds'] == pytest.approx(
     dict(zip(exported.class_names, want.tolist())), abs=1e-6
   )
   assert report['tuned_thresholds']['model']['mAP'] == pytest.approx(report['model']['mAP'])
-  assert 'per-class thresholds' in open(os.path.join(export_dir, 'report.md')).read()
+  assert 'per-class thresholds' in Path(export_dir, 'report.md').read_text()
 
 
 @pytest.mark.parametrize(

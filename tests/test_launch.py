@@ -7,6 +7,7 @@ import shlex
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import run_helpers
@@ -38,7 +39,7 @@ def _calls(directory, name):
 
 @pytest.mark.parametrize('name', SCRIPTS)
 def test_every_script_starts_with_its_comment_block(name):
-  lines = open(os.path.join(LAUNCH, name)).read().splitlines()
+  lines = Path(LAUNCH, name).read_text().splitlines()
   assert lines[0].startswith('#!')
   header = []
   for line in lines[1:]:
@@ -126,10 +127,9 @@ def test_slurm_script_starts_one_process_per_node_with_the_distributed_flags(tmp
       '--config.dataset.root=/shared/data/coco',
     ]
   ]
-  directives = [
-    line for line in open(os.path.join(LAUNCH, 'slurm.sbatch')) if line.startswith('#SBATCH')
-  ]
-  assert '#SBATCH --ntasks-per-node=1\n' in directives
+  lines = Path(LAUNCH, 'slurm.sbatch').read_text().splitlines()
+  directives = [line for line in lines if line.startswith('#SBATCH')]
+  assert '#SBATCH --ntasks-per-node=1' in directives
   assert any(line.startswith('#SBATCH --signal=TERM@') for line in directives)
 
 

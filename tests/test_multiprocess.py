@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -80,7 +81,7 @@ def _final_state(workdir):
 
 
 def _train_steps(workdir):
-  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  lines = [json.loads(line) for line in Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   return [line['step'] for line in lines if 'train/loss' in line]
 
 
@@ -106,7 +107,7 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
   assert jax.device_count() == 8 and jax.process_count() == 1
   single = str(tmp_path / 'single')
   results = train.train_and_evaluate(synthetic.get_config('smoke'), single)
-  multi = json.load(open(os.path.join(workdir, 'results.json')))
+  multi = json.loads(Path(workdir, 'results.json').read_text())
   want, got = _final_state(single), _final_state(workdir)
   assert int(want['step']) == int(got['step']) == 3
   # Tolerance: the same examples in another row order, so sums (BatchNorm statistics,

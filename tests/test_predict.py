@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +97,7 @@ def test_tuned_thresholds_are_used_and_the_flag_overrides_them(smoke_run, tmp_pa
   export_dir, folder, _ = smoke_run
   tuned_dir = str(tmp_path / 'export')
   shutil.copytree(export_dir, tuned_dir)
-  info = json.load(open(os.path.join(tuned_dir, 'model.json')))
+  info = json.loads(Path(tuned_dir, 'model.json').read_text())
   thresholds = np.linspace(0.0, 1.0, 10)
   thresholds[0] = 0.0  # always predicted
   thresholds[9] = 1.01  # never predicted

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import data_fixtures as fx
 import grain
@@ -81,7 +82,7 @@ def test_deliberate_changes_need_the_flag_and_are_recorded(tmp_path):
   assert set(changes) == {'num_train_steps', 'log_every_steps'}
   workdir_lib.record_config(workdir, longer, changes)
   # config.json keeps the creating config; the change log brings the record up to date.
-  assert json.load(open(tmp_path / 'config.json'))['num_train_steps'] == 3
+  assert json.loads(Path(tmp_path / 'config.json').read_text())['num_train_steps'] == 3
   assert workdir_lib.check_config(workdir, longer, allow_change=False) == {}
   # Operational settings change without the flag.
   assert set(
@@ -107,11 +108,11 @@ def test_resumed_metrics_log_has_each_step_once(tmp_path):
   writer = MetricWriter(str(tmp_path), start_step=2)
   writer.write(3, {'train/loss': 30.0})
   writer.close()
-  got = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  got = [json.loads(line) for line in Path(tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [line['step'] for line in got] == [1, 2, 2, 3] and got[-1]['train/loss'] == 30.0
   # A finished run resumed at its last step runs the test evaluation again: one test line.
   MetricWriter(str(tmp_path), start_step=3).close()
-  got = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  got = [json.loads(line) for line in Path(tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert not any('test/model/mAP' in line for line in got) and len(got) == 4
 
 
@@ -307,13 +308,13 @@ def test_full_run_counts_skipped_images_and_moves_the_ema(tmp_path, monkeypatch)
     )
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), new[ema], old[ema]))
     assert any(moved), ema
-  saved = json.load(open(workdir / 'results.json'))
+  saved = json.loads(Path(workdir / 'results.json').read_text())
   assert saved['skipped_unreadable']['test'] == 2
   # 000003 is read once per epoch in train or held out for selection (val).
   assert saved['skipped_unreadable']['train'] + saved['skipped_unreadable']['val'] >= 1
   assert results['skipped_unreadable'] == saved['skipped_unreadable']
   assert not (workdir / 'run.lock').exists()
-  lines = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  lines = [json.loads(line) for line in Path(workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [line['step'] for line in lines if 'train/loss' in line] == [1, 2]
 
 

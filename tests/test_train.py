@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,10 @@ def test_smoke_run_writes_every_output(tmp_path):
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(_config(), workdir)
 
-  config = json.load(open(os.path.join(workdir, 'config.json')))
+  config = json.loads(Path(workdir, 'config.json').read_text())
   assert config['dataset']['name'] == 'synthetic' and config['batch_size'] == 8
 
-  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  lines = [json.loads(line) for line in Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   train_lines = [line for line in lines if 'train/loss' in line]
   assert [line['step'] for line in train_lines] == [1, 2, 3]
   for key in (
@@ -60,7 +61,7 @@ def test_smoke_run_writes_every_output(tmp_path):
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['3']
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'best')) == ['3']
 
-  saved = json.load(open(os.path.join(workdir, 'results.json')))
+  saved = json.loads(Path(workdir, 'results.json').read_text())
   assert saved == json.loads(json.dumps(results))
   assert saved['best_step'] == 3 and saved['eval_split'] == 'val'
   for name in ('model', 'ema'):
@@ -69,7 +70,7 @@ def test_smoke_run_writes_every_output(tmp_path):
       assert 0 <= report[key] <= 100, (name, key)
     assert len(report['AP']) == 10
 
-  model_json = json.load(open(os.path.join(workdir, 'export', 'model.json')))
+  model_json = json.loads(Path(workdir, 'export', 'model.json').read_text())
   assert model_json['model'] == 'tresnet_m' and model_json['image_size'] == 64
   assert len(model_json['class_names']) == 10
   assert model_json['normalization']['name'] == 'imagenet'
@@ -105,12 +106,10 @@ def test_restart_continues_like_an_uninterrupted_run(tmp_path, monkeypatch):
   got, step_b = _latest_params(resumed, 4)
   assert int(step_a) == int(step_b) == 4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), want, got)
-  losses_a = [
-    json.loads(line).get('train/loss') for line in open(os.path.join(straight, 'metrics.jsonl'))
-  ]
-  losses_b = [
-    json.loads(line).get('train/loss') for line in open(os.path.join(resumed, 'metrics.jsonl'))
-  ]
+  lines_a = Path(straight, 'metrics.jsonl').read_text().splitlines()
+  losses_a = [json.loads(line).get('train/loss') for line in lines_a]
+  lines_b = Path(resumed, 'metrics.jsonl').read_text().splitlines()
+  losses_b = [json.loads(line).get('train/loss') for line in lines_b]
   assert [x for x in losses_a if x] == pytest.approx([x for x in losses_b if x], rel=1e-6)
 
 
@@ -343,5 +342,5 @@ def test_export_choice_comes_from_the_selection_split_not_test(tmp_path, monkeyp
   results = train.train_and_evaluate(_config(), str(tmp_path / 'run'))
   assert calls[-1] == 'test' and len(calls) >= 2
   assert results['exported_weights'] == 'model'
-  info = json.load(open(tmp_path / 'run' / 'export' / 'model.json'))
+  info = json.loads(Path(tmp_path / 'run' / 'export' / 'model.json').read_text())
   assert info['weights'] == 'model'
