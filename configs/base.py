@@ -35,6 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.difficult_as_positive = True  # VOC: train on difficult as positive (authors)
   c.dataset.skip_unreadable = False  # True: skip and count unreadable images instead of stopping
   c.dataset.worker_count = 2  # grain worker processes for the train pipeline
+  # Train batches made into device arrays ahead of the step by a background thread (0: none).
+  c.dataset.device_prefetch = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'tresnet_m'  # kmcl_jax.models.create_encoder name

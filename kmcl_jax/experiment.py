@@ -127,6 +127,7 @@ _RANGES = {
   'checkpoint_every_steps': (1, _INF, (True, False)),
   'dataset.holdout_fraction': (0, 1, (False, False)),
   'dataset.worker_count': (0, _INF, (True, False)),
+  'dataset.device_prefetch': (0, _INF, (True, False)),
   'model.reduced_dim': (1, _INF, (True, False)),
   'eval.threshold': (0, 1, (False, False)),
   'eval.top_k': (1, _INF, (True, False)),

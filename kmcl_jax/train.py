@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -320,6 +321,8 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
     difficult_as_positive=config.dataset.difficult_as_positive,
     worker_count=config.dataset.worker_count,
     skip_unreadable=config.dataset.skip_unreadable,
+    to_device=lambda batch: _to_global(run, batch),
+    device_prefetch=config.dataset.device_prefetch,
   )
 
   ckpt = checkpoint_lib.Checkpoints(workdir)
@@ -328,6 +331,7 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
     state = ckpt.resume(abstract_state, train_iter, fallback=resume_fallback)
   except checkpoint_lib.CheckpointError:
     ckpt.close()
+    train_iter.close()
     raise
   if state is not None:
     logging.info('Resumed from step %d of %s.', int(state['step']), workdir)
@@ -371,6 +375,8 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
     stop.restore()
     writer.close()
     ckpt.close()
+    train_iter.close()  # stops the prefetch thread and the grain workers
+    gc.unfreeze()  # the loop froze the objects alive after its first step
   return results
 
 
@@ -384,7 +390,7 @@ def _train_loop(
   window_start, window_images = time.perf_counter(), 0
   first_step, first_step_s = step + 1, None
   while step < num_steps:
-    batch = _to_global(run, next(train_iter))
+    batch = next(train_iter)  # global device arrays (pipeline.train_iterator's to_device)
     if step + 1 == first_step:
       distributed.compile_together(run.train_step, state, batch)
     state, metrics = run.train_step(state, batch)
@@ -396,6 +402,11 @@ def _train_loop(
       first_step_s = time.perf_counter() - window_start
       if writer.enabled:
         logging.info('First train step (compilation included): %.1f s.', first_step_s)
+      # What is alive now (model, compiled step, JAX's caches) lives until the run ends. Out of
+      # the collector's generations, full collections stop walking it each time: they paused
+      # the demo for up to 310 ms, 1.9 s per minute (BENCHMARKS.md). Undone at the end.
+      gc.collect()
+      gc.freeze()
       window_start = time.perf_counter()
     else:
       window_images += config.batch_size

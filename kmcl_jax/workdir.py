@@ -35,6 +35,7 @@ LOCK_FILE = 'run.lock'
 # No effect on the numbers a run produces: change freely (still recorded).
 OPERATIONAL = (
   'dataset.worker_count',
+  'dataset.device_prefetch',
   'log_every_steps',
   'checkpoint_every_steps',
   'eval_batch_size',

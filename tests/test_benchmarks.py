@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from absl.testing import flagsaver
 
-from kmcl_jax.benchmarks import train_step
+from kmcl_jax.benchmarks import input_pipeline, train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,3 +48,12 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
     result['jax_step_s'] / result['torch_step_s'], rel=0.02
   )  # from unrounded medians
   assert result['jax_step_s'] > 0 and result['torch_step_s'] > 0
+
+
+def test_input_pipeline_benchmark_measures_host_and_device_augmentation(capsys):
+  with flagsaver.flagsaver(sizes=['32'], workers=['0'], seconds=0.2, batch_size=4):
+    input_pipeline.main([])
+  out = capsys.readouterr().out
+  for where in ('host', 'device'):
+    (line,) = [x for x in out.splitlines() if f'32px {where} augmentation, workers=0' in x]
+    assert line.endswith(' per core)'), line

@@ -1,8 +1,10 @@
 """Train/eval pipelines: determinism, sharding, resume, padding, workers, unreadable images."""
 
 import os
+import time
 
 import data_fixtures as fx
+import jax
 import numpy as np
 import pytest
 
@@ -112,6 +114,32 @@ def test_multiprocess_workers_match_in_process_and_resume():
     np.testing.assert_array_equal(r, g)
   it.close()
   resumed.close()
+
+
+def test_device_prefetch_runs_ahead_and_checkpoints_the_batches_handed_out():
+  src = _Tagged(40)
+  reference = [_index(b) for b, _ in zip(_train(src), range(8))]
+  made = []
+
+  def to_device(batch):
+    made.append(_index(batch))
+    return {k: jax.device_put(v) for k, v in batch.items()}
+
+  it = _train(src, to_device=to_device, device_prefetch=2)
+  got = [next(it) for _ in range(3)]
+  assert all(isinstance(b['image'], jax.Array) for b in got)
+  deadline = time.monotonic() + 30
+  while len(made) < 5 and time.monotonic() < deadline:  # the thread fills its buffer of 2
+    time.sleep(0.01)
+  assert len(made) >= 5
+  state = it.get_state()  # after batch 3, though batches 4 and 5 are made already
+  it.close()
+  resumed = _train(src, to_device=to_device, device_prefetch=2)
+  resumed.set_state(state)
+  got += [next(resumed) for _ in range(5)]
+  resumed.close()
+  for want, batch in zip(reference, got, strict=True):
+    np.testing.assert_array_equal(want, _index(jax.device_get(batch)))
 
 
 def test_workers_survive_ctrl_c():

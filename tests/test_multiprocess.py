@@ -125,8 +125,14 @@ def test_sigterm_on_one_process_stops_both_and_resumes(two_process_run, env, tmp
   """SIGTERM reaches process 1 only; both stop on the same step and the restart resumes."""
   straight, _ = two_process_run
   workdir = str(tmp_path / 'resumed')
+  # No device prefetch: the hook then runs when the step takes its batch, not ahead of it.
   code, output = _launch(
-    workdir, env, KMCL_TEST_SIGNALS='SIGTERM', KMCL_TEST_PROCESS='1', KMCL_TEST_AT='1'
+    workdir,
+    env,
+    '--config.dataset.device_prefetch=0',
+    KMCL_TEST_SIGNALS='SIGTERM',
+    KMCL_TEST_PROCESS='1',
+    KMCL_TEST_AT='1',
   )
   assert code == 128 + signal.SIGTERM, output
   # Process 1 is signalled during step 1; the agreement launched then is read at step 2.
@@ -161,8 +167,10 @@ def test_ctrl_c_checkpoints_and_exits(tmp_path, monkeypatch, caplog):
 
   monkeypatch.setattr(train, '_to_global', to_global_with_sigint)
   workdir = str(tmp_path / 'run')
+  config = synthetic.get_config('smoke')
+  config.dataset.device_prefetch = 0  # the hook runs when step 2 takes its batch
   with pytest.raises(SystemExit) as exit_info:
-    train.train_and_evaluate(synthetic.get_config('smoke'), workdir)
+    train.train_and_evaluate(config, workdir)
   assert exit_info.value.code == 128 + signal.SIGINT
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'latest')) == ['2']
   stops = [r.getMessage() for r in caplog.records if 'stopped' in r.getMessage()]

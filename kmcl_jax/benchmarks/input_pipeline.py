@@ -8,20 +8,28 @@
 For each training size (224, 448) it prints
 - the floor: decode + resize alone in one thread, with PIL's full decode, and for JPEG files
   also with simplejpeg's full decode and DCT-scaled decode (`decode_size` = the training size);
-- the full train pipeline (`pipeline.train_iterator`: decode, resize, CutoutPIL, RandAugment or
-  RandomAffine, batch) with 0, 1 and 2 worker processes, measured after a warm-up.
-Figures depend on the CPU; the number to compare with is the accelerator's step rate.
+- the train pipeline as the trainer runs it (`pipeline.train_iterator`: decode, resize, batch,
+  then global device arrays made by the prefetch thread) with 0, 1 and 2 worker processes,
+  measured after a warm-up, for each --augment: 'host' (CutoutPIL + RandAugment, or
+  RandomAffine, on the host: `dataset.augment_device=off`) and 'device' (the host only decodes
+  and resizes: `augment_device=on`, the augmentation then costs device time instead).
+--cores=N pins the run (worker processes included) to N cores, so that images/s per core can be
+read off; figures depend on the CPU, and the number to compare with is the accelerator's step
+rate divided by the host cores that feed it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from kmcl_jax import evaluate
 from kmcl_jax.data import get_source, pipeline
 from kmcl_jax.data.base import decode_image
 
@@ -32,6 +40,16 @@ _SIZES = flags.DEFINE_list('sizes', ['224', '448'], 'training image sizes')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'worker counts to measure')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'per-process batch size')
 _SECONDS = flags.DEFINE_float('seconds', 8.0, 'measuring time per configuration')
+_AUGMENT = flags.DEFINE_list(
+  'augment', ['host', 'device'], "where augmentation runs: 'host' and/or 'device'"
+)
+flags.register_validator(
+  'augment', lambda v: set(v) <= {'host', 'device'}, "--augment: 'host' and/or 'device'"
+)
+_CORES = flags.DEFINE_integer('cores', None, 'pin to this many cores (default: all)', lower_bound=1)
+_PREFETCH = flags.DEFINE_integer(
+  'device_prefetch', 2, 'dataset.device_prefetch: batches made into device arrays ahead'
+)
 _FAKE_VOC = flags.DEFINE_integer(
   'fake_voc_images', 0, 'if > 0, first write this many VOC-like JPEGs under --root'
 )
@@ -116,6 +134,9 @@ def floor_rates(source, size: int, seconds: float) -> dict[str, float]:
 
 
 def pipeline_rate(source, *, size: int, workers: int, augment: str, seconds: float) -> float:
+  """Images/s of the trainer's feed: batches as global arrays on this host's devices."""
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   it = pipeline.train_iterator(
     source,
     batch_size=_BATCH.value,
@@ -125,12 +146,14 @@ def pipeline_rate(source, *, size: int, workers: int, augment: str, seconds: flo
     worker_count=workers,
     shard_index=0,
     shard_count=1,
+    to_device=functools.partial(evaluate.to_global, sharding),
+    device_prefetch=_PREFETCH.value,
   )
   for _ in range(2 + 2 * workers):  # warm-up, including worker start-up
-    next(it)
+    jax.block_until_ready(next(it))
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
-    count += next(it)['image'].shape[0]
+    count += jax.block_until_ready(next(it))['image'].shape[0]
   rate = count / (time.perf_counter() - start)
   it.close()
   return rate
@@ -139,13 +162,17 @@ def pipeline_rate(source, *, size: int, workers: int, augment: str, seconds: flo
 def main(argv):
   del argv
   name = _SOURCE.value
+  if _CORES.value:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: _CORES.value])
+  cores = len(os.sched_getaffinity(0))
   if _FAKE_VOC.value:
     write_fake_voc(_ROOT.value, _FAKE_VOC.value)
   split = _SPLIT.value or _TRAIN_SPLIT.get(name, 'train')
-  augment = 'affine' if name == 'chestxray14' else 'randaugment'
+  host_augment = 'affine' if name == 'chestxray14' else 'randaugment'
   print(
-    f'source={name} root={_ROOT.value} split={split} augment={augment} '
-    f'batch={_BATCH.value} cpus={os.cpu_count()}'
+    f'source={name} root={_ROOT.value} split={split} host augmentation={host_augment} '
+    f'batch={_BATCH.value} cores={cores} device_prefetch={_PREFETCH.value} '
+    f'devices={jax.device_count()} ({jax.default_backend()})'
   )
   for size in map(int, _SIZES.value):
     if name == 'synthetic':
@@ -155,15 +182,23 @@ def main(argv):
       plain = get_source(name, root=_ROOT.value, split=split)
     for label, rate in floor_rates(source, size, _SECONDS.value / 2).items():
       print(f'{size}px floor  {label:40s} {rate:8.1f} images/s (1 thread)')
-    for workers in map(int, _WORKERS.value):
-      rate = pipeline_rate(
-        source, size=size, workers=workers, augment=augment, seconds=_SECONDS.value
-      )
-      hint = '' if name == 'synthetic' else ' decode_size=size'
-      print(f'{size}px train pipeline workers={workers}{hint:18s} {rate:8.1f} images/s')
-      if name != 'synthetic' and workers == 0:
-        rate = pipeline_rate(plain, size=size, workers=0, augment=augment, seconds=_SECONDS.value)
-        print(f'{size}px train pipeline workers=0 full decode     {rate:8.1f} images/s')
+    for where in _AUGMENT.value:
+      augment = {'host': host_augment, 'device': 'none'}[where]
+      for workers in map(int, _WORKERS.value):
+        rate = pipeline_rate(
+          source, size=size, workers=workers, augment=augment, seconds=_SECONDS.value
+        )
+        hint = '' if name == 'synthetic' else ' decode_size=size'
+        print(
+          f'{size}px {where} augmentation, workers={workers}{hint:18s} {rate:8.1f} images/s '
+          f'({rate / cores:.1f} per core)'
+        )
+        if name != 'synthetic' and workers == 0:
+          rate = pipeline_rate(plain, size=size, workers=0, augment=augment, seconds=_SECONDS.value)
+          print(
+            f'{size}px {where} augmentation, workers=0 full decode     {rate:8.1f} images/s '
+            f'({rate / cores:.1f} per core)'
+          )
 
 
 if __name__ == '__main__':

@@ -37,7 +37,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -342,6 +342,8 @@ def train_iterator(
   shard_index: int | None = None,
   shard_count: int | None = None,
   skip_unreadable: bool = False,
+  to_device: Callable[[dict[str, np.ndarray]], Any] | None = None,
+  device_prefetch: int = 0,
 ) -> grain.DatasetIterator:
   """Endless stream of per-process train batches (see module docstring).
 
@@ -355,9 +357,14 @@ def train_iterator(
     worker_count: grain worker processes (0: augment in this process with threads).
     shard_index, shard_count: this process's shard; default jax.process_index()/count().
     skip_unreadable: drop undecodable or missing images instead of raising.
+    to_device: applied to each batch, e.g. to make global device arrays of it.
+    device_prefetch: batches passed through `to_device` ahead of use, by a background thread,
+      so that host work and the host-to-device copy overlap the train step (0: on demand).
+      The iterator state stays that of the batches handed out, so a checkpoint resumes exactly.
 
   Returns:
-    A checkpointable grain iterator of {'image': uint8 [B, S, S, 3], 'labels': float32 [B, K]}.
+    A checkpointable grain iterator of {'image': uint8 [B, S, S, 3], 'labels': float32 [B, K]}
+    (as `to_device` returns them, when given).
   """
   shard_index, shard_count = _shards(shard_index, shard_count)
   if len(source) == 0:
@@ -377,15 +384,22 @@ def train_iterator(
     it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(_READ_THREADS))
     if worker_count > 0:
       it = _workers(it, grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(it)
-  # Skipped records leave holes, so batches are formed after filtering, in this process.
-  it = ds.to_iter_dataset(_read_options(2 * batch_size))
-  if worker_count > 0:
-    it = _workers(
-      it, grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=batch_size)
-    )
-  it = _SkipDataset(it, records_per_epoch=max(1, len(source) // shard_count), batch_size=batch_size)
-  it = it.batch(batch_size, drop_remainder=True)
+  else:
+    # Skipped records leave holes, so batches are formed after filtering, in this process.
+    it = ds.to_iter_dataset(_read_options(2 * batch_size))
+    if worker_count > 0:
+      options = grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=batch_size
+      )
+      it = _workers(it, options)
+    records_per_epoch = max(1, len(source) // shard_count)
+    it = _SkipDataset(it, records_per_epoch=records_per_epoch, batch_size=batch_size)
+    it = it.batch(batch_size, drop_remainder=True)
+  if to_device is not None:
+    it = it.map(to_device)
+  if device_prefetch > 0:
+    # grain's thread prefetch keeps, with each buffered batch, the state after it.
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=device_prefetch)
   return iter(it)
 
 
