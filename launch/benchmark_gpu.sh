@@ -24,6 +24,8 @@
 #                              training loop on synthetic images, host and device augmentation
 #   train_step_bf16_b256.json  TResNet-M 224, bf16, batch 256
 #   losses.json                the KMCL objective, jitted, up to N = 1024
+#   input_pipeline_8cores.json the trainer's feed alone (synthetic 224 px, batch 64), host vs
+#                              device augmentation, pinned to 8 host cores
 # Time limits per benchmark (timeout) keep the whole under 8 minutes; the compiled steps go to
 # the persistent compilation cache, so a second run of the script compiles nothing.
 set -euo pipefail
@@ -56,13 +58,17 @@ bench() {  # name, seconds, then train_step flags; a failure does not stop the o
   timeout "$seconds" "$PYTHON" -m kmcl_jax.benchmarks.train_step --json="$out/$name.json" "$@" \
       || echo "!! $name failed or ran out of time (exit $?)"
 }
-bench train_step_bf16_b64 150 --models=tresnet_m@224,tresnet_l@448 --batch_size=64 \
+bench train_step_bf16_b64 140 --models=tresnet_m@224,tresnet_l@448 --batch_size=64 \
     --dtype=bfloat16 --steps=30
 bench end_to_end_bf16_b64 170 --models=tresnet_m@224 --batch_size=64 --dtype=bfloat16 \
     --steps=30 --end_to_end --workers="$workers"
 bench train_step_bf16_b256 70 --models=tresnet_m@224 --batch_size=256 --dtype=bfloat16 \
     --steps=30
 echo "== losses"
-timeout 60 "$PYTHON" -m kmcl_jax.benchmarks.losses --json="$out/losses.json" --max_loop_n=64 \
+timeout 50 "$PYTHON" -m kmcl_jax.benchmarks.losses --json="$out/losses.json" --max_loop_n=64 \
     --repeats=3 || echo "!! losses failed or ran out of time (exit $?)"
+echo "== input_pipeline_8cores"
+timeout 40 "$PYTHON" -m kmcl_jax.benchmarks.input_pipeline --sizes=224 --batch_size=64 \
+    --cores="$workers" --workers=0,"$workers" --seconds=4 \
+    --json="$out/input_pipeline_8cores.json" || echo "!! input_pipeline failed (exit $?)"
 echo "JSON files in $out"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from absl.testing import flagsaver
 
-from kmcl_jax.benchmarks import input_pipeline, train_step
+from kmcl_jax.benchmarks import train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,10 +50,21 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
   assert result['jax_step_s'] > 0 and result['torch_step_s'] > 0
 
 
-def test_input_pipeline_benchmark_measures_host_and_device_augmentation(capsys):
-  with flagsaver.flagsaver(sizes=['32'], workers=['0'], seconds=0.2, batch_size=4):
-    input_pipeline.main([])
-  out = capsys.readouterr().out
+def test_input_pipeline_benchmark_measures_host_and_device_augmentation(tmp_path):
+  path = tmp_path / 'pipeline.json'
+  flags = ['--sizes=32', '--workers=0', '--seconds=0.2', '--batch_size=8', f'--json={path}']
+  out = subprocess.run(
+    [sys.executable, '-m', 'kmcl_jax.benchmarks.input_pipeline', *flags],
+    cwd=_ROOT,
+    check=True,
+    timeout=300,
+    capture_output=True,
+    text=True,
+  ).stdout
   for where in ('host', 'device'):
     (line,) = [x for x in out.splitlines() if f'32px {where} augmentation, workers=0' in x]
     assert line.endswith(' per core)'), line
+  rows = json.loads(path.read_text())['rows']
+  measured = [(r['augmentation'], r['workers']) for r in rows if 'augmentation' in r]
+  assert measured == [('host', 0), ('device', 0)]
+  assert all(r['images_per_s'] > 0 for r in rows)

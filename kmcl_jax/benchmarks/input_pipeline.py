@@ -1,6 +1,6 @@
 """Input pipeline throughput: images/s for decode + augment + batch, and the decode floor.
 
-  python -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
+  python -m kmcl_jax.benchmarks.input_pipeline --source=synthetic [--cores=N] [--json=PATH]
   python -m kmcl_jax.benchmarks.input_pipeline --source=voc2007 --root=/data/voc
   python -m kmcl_jax.benchmarks.input_pipeline --source=voc2007 --root=/tmp/fakevoc \\
       --fake_voc_images=400      # first writes 400 VOC-like 500x375 JPEGs under --root
@@ -21,6 +21,7 @@ rate divided by the host cores that feed it.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 
@@ -47,6 +48,7 @@ flags.register_validator(
   'augment', lambda v: set(v) <= {'host', 'device'}, "--augment: 'host' and/or 'device'"
 )
 _CORES = flags.DEFINE_integer('cores', None, 'pin to this many cores (default: all)', lower_bound=1)
+_JSON = flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 _PREFETCH = flags.DEFINE_integer(
   'device_prefetch', 2, 'dataset.device_prefetch: batches made into device arrays ahead'
 )
@@ -165,6 +167,10 @@ def main(argv):
   if _CORES.value:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: _CORES.value])
   cores = len(os.sched_getaffinity(0))
+  if _BATCH.value % jax.local_device_count():
+    raise app.UsageError(
+      f'--batch_size={_BATCH.value} must be a multiple of the {jax.local_device_count()} devices'
+    )
   if _FAKE_VOC.value:
     write_fake_voc(_ROOT.value, _FAKE_VOC.value)
   split = _SPLIT.value or _TRAIN_SPLIT.get(name, 'train')
@@ -174,6 +180,15 @@ def main(argv):
     f'batch={_BATCH.value} cores={cores} device_prefetch={_PREFETCH.value} '
     f'devices={jax.device_count()} ({jax.default_backend()})'
   )
+  rows = []
+
+  def report(size, where, workers, rate, decode=''):
+    rows.append(
+      dict(size=size, augmentation=where, workers=workers, decode=decode, images_per_s=rate)
+    )
+    label = f'{where} augmentation, workers={workers} {decode}'
+    print(f'{size}px {label:45s} {rate:8.1f} images/s ({rate / cores:.1f} per core)')
+
   for size in map(int, _SIZES.value):
     if name == 'synthetic':
       source = get_source(name, split=split, num_examples=2000, image_size=size)
@@ -181,6 +196,7 @@ def main(argv):
       source = get_source(name, root=_ROOT.value, split=split, decode_size=size)
       plain = get_source(name, root=_ROOT.value, split=split)
     for label, rate in floor_rates(source, size, _SECONDS.value / 2).items():
+      rows.append(dict(size=size, floor=label, images_per_s=rate))
       print(f'{size}px floor  {label:40s} {rate:8.1f} images/s (1 thread)')
     for where in _AUGMENT.value:
       augment = {'host': host_augment, 'device': 'none'}[where]
@@ -188,17 +204,14 @@ def main(argv):
         rate = pipeline_rate(
           source, size=size, workers=workers, augment=augment, seconds=_SECONDS.value
         )
-        hint = '' if name == 'synthetic' else ' decode_size=size'
-        print(
-          f'{size}px {where} augmentation, workers={workers}{hint:18s} {rate:8.1f} images/s '
-          f'({rate / cores:.1f} per core)'
-        )
+        report(size, where, workers, rate, '' if name == 'synthetic' else 'decode_size=size')
         if name != 'synthetic' and workers == 0:
           rate = pipeline_rate(plain, size=size, workers=0, augment=augment, seconds=_SECONDS.value)
-          print(
-            f'{size}px {where} augmentation, workers=0 full decode     {rate:8.1f} images/s '
-            f'({rate / cores:.1f} per core)'
-          )
+          report(size, where, 0, rate, 'full decode')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      meta = dict(source=name, batch_size=_BATCH.value, cores=cores, backend=jax.default_backend())
+      json.dump(dict(meta, device_prefetch=_PREFETCH.value, rows=rows), f, indent=1)
 
 
 if __name__ == '__main__':
