@@ -26,6 +26,8 @@
 #   losses.json                the KMCL objective, jitted, up to N = 1024
 #   input_pipeline_8cores.json the trainer's feed alone (synthetic 224 px, batch 64), host vs
 #                              device augmentation, pinned to 8 host cores
+#   augment_device.json        the device augmentation alone (224 px, batch 64): RandAugment
+#                              per image (the trainer's) vs whole batch, RandomAffine; host PIL
 # Time limits per benchmark (timeout) keep the whole under 8 minutes; the compiled steps go to
 # the persistent compilation cache, so a second run of the script compiles nothing.
 set -euo pipefail
@@ -62,13 +64,17 @@ bench train_step_bf16_b64 140 --models=tresnet_m@224,tresnet_l@448 --batch_size=
     --dtype=bfloat16 --steps=30
 bench end_to_end_bf16_b64 170 --models=tresnet_m@224 --batch_size=64 --dtype=bfloat16 \
     --steps=30 --end_to_end --workers="$workers"
-bench train_step_bf16_b256 70 --models=tresnet_m@224 --batch_size=256 --dtype=bfloat16 \
+bench train_step_bf16_b256 60 --models=tresnet_m@224 --batch_size=256 --dtype=bfloat16 \
     --steps=30
 echo "== losses"
-timeout 50 "$PYTHON" -m kmcl_jax.benchmarks.losses --json="$out/losses.json" --max_loop_n=64 \
+timeout 45 "$PYTHON" -m kmcl_jax.benchmarks.losses --json="$out/losses.json" --max_loop_n=64 \
     --repeats=3 || echo "!! losses failed or ran out of time (exit $?)"
 echo "== input_pipeline_8cores"
-timeout 40 "$PYTHON" -m kmcl_jax.benchmarks.input_pipeline --sizes=224 --batch_size=64 \
-    --cores="$workers" --workers=0,"$workers" --seconds=4 \
+timeout 35 "$PYTHON" -m kmcl_jax.benchmarks.input_pipeline --sizes=224 --batch_size=64 \
+    --cores="$workers" --workers=0,"$workers" --seconds=3 \
     --json="$out/input_pipeline_8cores.json" || echo "!! input_pipeline failed (exit $?)"
+echo "== augment_device"
+timeout 25 "$PYTHON" -m kmcl_jax.benchmarks.augment_device --sizes=224 --batch_size=64 \
+    --steps=10 --host_seconds=2 --json="$out/augment_device.json" \
+    || echo "!! augment_device failed (exit $?)"
 echo "JSON files in $out"

@@ -181,6 +181,21 @@ def test_same_augmentation_whatever_the_device_split():
   assert (eight != images).any(axis=(1, 2, 3)).all()  # CutoutPIL always changes a pixel
 
 
+def test_rand_augment_strategies_agree():
+  """Per image through a switch, or every op on the whole batch and a select: same images."""
+  rng = np.random.default_rng(4)
+  images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+  keys = dev.example_keys(9, 0, jnp.arange(48))
+  drawn = jax.vmap(lambda k: dev.randaugment_draws(k, 16, 16))(keys)
+  applied = np.asarray(drawn['op'])[np.asarray(drawn['apply'])]
+  assert len(set(applied.tolist())) >= 12  # most of the 15 ops are exercised
+  per_image, batched = (
+    np.asarray(jax.jit(functools.partial(dev.rand_augment, per_image=p))(images, keys))
+    for p in (True, False)
+  )
+  np.testing.assert_array_equal(per_image, batched)
+
+
 def test_augment_batch_none_unknown_and_setting():
   images = np.zeros((2, 8, 8, 3), np.uint8)
   out = dev.augment_batch(images, kind='none', seed=0, step=0, global_indices=jnp.arange(2))

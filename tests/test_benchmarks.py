@@ -68,3 +68,20 @@ def test_input_pipeline_benchmark_measures_host_and_device_augmentation(tmp_path
   measured = [(r['augmentation'], r['workers']) for r in rows if 'augmentation' in r]
   assert measured == [('host', 0), ('device', 0)]
   assert all(r['images_per_s'] > 0 for r in rows)
+
+
+def test_augment_device_benchmark_times_both_strategies_and_the_host(tmp_path):
+  path = tmp_path / 'augment.json'
+  flags = ['--sizes=16', '--batch_size=4', '--steps=1', '--host_seconds=0.1', f'--json={path}']
+  subprocess.run(
+    [sys.executable, '-m', 'kmcl_jax.benchmarks.augment_device', *flags],
+    cwd=_ROOT,
+    check=True,
+    timeout=300,
+    capture_output=True,
+  )
+  rows = json.loads(path.read_text())['rows']
+  cases = [(r['kind'], r['per_image']) for r in rows]
+  assert cases == [('randaugment', True), ('randaugment', False), ('affine', True)]
+  for row in rows:
+    assert row['images_per_s'] > 0 and row['host_images_per_s'] > 0 and row['compile_s'] > 0

@@ -409,16 +409,21 @@ def cutout(images: jax.Array, keys: jax.Array) -> jax.Array:
   return jax.vmap(cutout_pil)(images, draws['yc'], draws['xc'], draws['colour'])
 
 
-def rand_augment(images: jax.Array, keys: jax.Array) -> jax.Array:
+def rand_augment(images: jax.Array, keys: jax.Array, *, per_image: bool = True) -> jax.Array:
   """RandAugment (two ops, each with probability 0.5) on a uint8 batch, one key per image.
 
-  Images go one at a time (lax.map) through a real switch, so each runs only the ops it drew
-  (one on average). Under vmap the switch would become "compute all 15 ops, select one",
-  which was two orders of magnitude slower on the CPU (README 'Augmentation on the device').
+  per_image=True: images go one at a time (lax.map) through a real switch, so each runs only
+  the ops it drew (one on average); measured two orders of magnitude faster on the CPU (README
+  'Augmentation on the device'). per_image=False: the same function under vmap, where the
+  switch becomes "compute all 15 ops on the whole batch, select one": more arithmetic, but no
+  sequential loop and no control flow, which an accelerator may prefer (XLA:GPU runs a loop
+  or switch with a host round trip per iteration). Same result either way;
+  `python -m kmcl_jax.benchmarks.augment_device` times both.
 
   Args:
     images: uint8 [N, H, W, 3].
     keys: [N] typed keys.
+    per_image: the strategy above.
   """
   h, w = images.shape[1:3]
   params = jnp.asarray(op_params(h, w))
@@ -431,6 +436,8 @@ def rand_augment(images: jax.Array, keys: jax.Array) -> jax.Array:
       image = apply_op(image, op, param, draws['position'][i])
     return image
 
+  if not per_image:
+    return jax.vmap(one)(images, keys)
   return lax.map(lambda a: one(*a), (images, keys))
 
 
