@@ -416,8 +416,8 @@ def rand_augment(images: jax.Array, keys: jax.Array, *, per_image: bool = True) 
   the ops it drew (one on average); measured two orders of magnitude faster on the CPU (README
   'Augmentation on the device'). per_image=False: the same function under vmap, where the
   switch becomes "compute all 15 ops on the whole batch, select one": more arithmetic, but no
-  sequential loop and no control flow, which an accelerator may prefer (XLA:GPU runs a loop
-  or switch with a host round trip per iteration). Same result either way;
+  sequential loop of small kernels and no control flow, which an accelerator may prefer.
+  Same result either way;
   `python -m kmcl_jax.benchmarks.augment_device` times both.
 
   Args:
