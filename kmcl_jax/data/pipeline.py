@@ -12,6 +12,8 @@ record exactly once per epoch, and a process sees different records in different
 Because the batch is formed at the MapDataset level, a batch's content does not depend on the
 number of worker processes, and the grain iterator state (a stream position) is enough to resume
 the exact same batches after a restart (`get_state` / `set_state`, or orbax's grain handler).
+With `to_device` and `device_prefetch`, a thread turns the next batches into device arrays
+while the step runs; the state it reports stays that of the batches handed out.
 
 Batches stay uint8 until they are on the accelerator: `normalize` is a jnp function meant to run
 inside the jitted step, so the host-to-device copy moves 1 byte per pixel instead of 4.
