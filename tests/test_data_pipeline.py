@@ -1,6 +1,8 @@
 """Train/eval pipelines: determinism, sharding, resume, padding, workers, unreadable images."""
 
 import os
+import subprocess
+import sys
 import time
 
 import data_fixtures as fx
@@ -9,6 +11,8 @@ import numpy as np
 import pytest
 
 from kmcl_jax.data import UnreadableImageError, get_source, pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Tagged:
@@ -140,6 +144,37 @@ def test_device_prefetch_runs_ahead_and_checkpoints_the_batches_handed_out():
   resumed.close()
   for want, batch in zip(reference, got, strict=True):
     np.testing.assert_array_equal(want, _index(jax.device_get(batch)))
+
+
+_WORKERS_TO_DEVICE = """
+import jax
+from absl import flags
+from kmcl_jax.data import get_source, pipeline
+
+if __name__ == '__main__':
+  flags.FLAGS.mark_as_parsed()
+  source = get_source('synthetic', split='train', num_examples=64, image_size=16)
+  it = pipeline.train_iterator(
+    source, batch_size=4, image_size=16, augment='none', seed=0, worker_count=2,
+    shard_index=0, shard_count=1, to_device=jax.device_put, device_prefetch=2,
+  )
+  for _ in range(3):
+    next(it)
+  it.close()
+"""
+
+
+def test_worker_batches_made_device_arrays_release_their_shared_memory(tmp_path):
+  """JAX's CPU arrays alias host memory; grain's shared-memory segments must not outlive the
+  run (the resource tracker then warns of leaked shared_memory objects at exit)."""
+  script = tmp_path / 'feed.py'
+  script.write_text(_WORKERS_TO_DEVICE)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  done = subprocess.run(
+    [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr
+  assert 'leaked shared_memory' not in done.stderr, done.stderr
 
 
 def test_workers_survive_ctrl_c():

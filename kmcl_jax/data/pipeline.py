@@ -219,6 +219,17 @@ def _workers(it: grain.IterDataset, options: grain.MultiprocessingOptions) -> gr
   return it.mp_prefetch(options, worker_init_fn=_ignore_sigint)
 
 
+def _out_of_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A copy of a batch that grain's workers delivered in shared memory.
+
+  grain unlinks a segment from a background thread when its array dies. JAX's CPU backend
+  aliases host arrays instead of copying them, which kept the last batches' segments alive
+  until the end of the run and after that thread ('leaked shared_memory objects' at exit). One
+  host copy (0.5 ms for 64 x 224 x 224 x 3 bytes) releases each segment at once.
+  """
+  return {k: np.array(v) for k, v in batch.items()}
+
+
 def _read_options(buffer: int) -> grain.ReadOptions:
   """`buffer` elements (batches, or records where batching happens later) read ahead."""
   return grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=buffer)
@@ -398,6 +409,8 @@ def train_iterator(
     it = _SkipDataset(it, records_per_epoch=records_per_epoch, batch_size=batch_size)
     it = it.batch(batch_size, drop_remainder=True)
   if to_device is not None:
+    if worker_count > 0:
+      it = it.map(_out_of_shared_memory)
     it = it.map(to_device)
   if device_prefetch > 0:
     # grain's thread prefetch keeps, with each buffered batch, the state after it.
