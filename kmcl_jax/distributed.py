@@ -37,6 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 _JAX_TIMEOUT_MARGIN_S = 30
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """The one mesh of every job: axis 'data' over all devices of all processes (batches are
+  sharded along it, parameters replicated). Auto axis types, chosen deliberately (jax.make_mesh
+  defaults to Explicit): the jitted functions leave the partitioning to XLA."""
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def flag_error(
   coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> str | None:

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from kmcl_jax import (
   checkpoint as checkpoint_lib,
+  distributed,
   experiment,
   export as export_lib,
   metrics as metrics_lib,
@@ -450,7 +451,7 @@ def run_report(
       f'({len(exported.class_names)}: {", ".join(exported.class_names[:5])}, '
       '...).'
     )
-  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.data_mesh()
   data_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   mean, std = exported.normalization
   graphdef, params, batch_stats = nnx.split(exported.model, nnx.Param, nnx.BatchStat)

@@ -253,7 +253,7 @@ def _train_and_evaluate(config, workdir, *, allow_config_change, resume_fallback
     changes = workdir_lib.check_config(workdir, config, allow_change=allow_config_change)
     workdir_lib.record_config(workdir, config, changes)
 
-  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.data_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   optimizer = experiment.make_optimizer(config, num_steps)

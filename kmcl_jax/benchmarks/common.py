@@ -38,10 +38,10 @@ def build_step(config, num_classes: int, *, seed: int = 0):
   """(jitted train step, initial state, global batch) as the trainer builds them."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from kmcl_jax import experiment, losses, train  # pylint: disable=g-import-not-at-top
+  from kmcl_jax import distributed, experiment, losses, train  # pylint: disable=g-import-not-at-top
   from kmcl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.data_mesh()
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   optimizer = experiment.make_optimizer(config, 10_000)
   model_fn = functools.partial(experiment.create_model, config, num_classes, seed)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from kmcl_jax import evaluate
+from kmcl_jax import distributed, evaluate
 from kmcl_jax.data import get_source, pipeline
 from kmcl_jax.data.base import decode_image
 
@@ -137,7 +137,7 @@ def floor_rates(source, size: int, seconds: float) -> dict[str, float]:
 
 def pipeline_rate(source, *, size: int, workers: int, augment: str, seconds: float) -> float:
   """Images/s of the trainer's feed: batches as global arrays on this host's devices."""
-  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.data_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   it = pipeline.train_iterator(
     source,
