@@ -22,6 +22,14 @@ def smoke_config(**changes):
   return config
 
 
+def env_without_forced_devices(**changes):
+  """os.environ without conftest's XLA_FLAGS (8 CPU devices), plus `changes`: a subprocess
+  then sees this machine's own devices (one CPU device here)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(changes)
+  return env
+
+
 def run_process_group(command, env=None, **kwargs):
   """Runs `command` in the repository root to the end (or the timeout) in its own process
   group, then kills whatever it left; returns (exit code, stdout and stderr together)."""

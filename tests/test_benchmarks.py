@@ -4,17 +4,15 @@ Nothing here looks at the figures (no timed assertions).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import run_helpers
 from absl.testing import flagsaver
 
 from kmcl_jax.benchmarks import train_step
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
@@ -31,17 +29,24 @@ def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
   assert row['mfu'] is None  # no peak FLOP/s for a CPU
 
 
-def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
-  path = str(tmp_path / 'vs.json')
-  # One CPU device (not the session's eight): the step compiles faster.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run(
-    [sys.executable, '-m', 'kmcl_jax.benchmarks.vs_pytorch', '--smoke', f'--json={path}'],
-    cwd=_ROOT,
+def _run_benchmark(module, *flags, env=None):
+  """`python -m kmcl_jax.benchmarks.<module> FLAGS` to the end; returns its stdout."""
+  return subprocess.run(
+    [sys.executable, '-m', f'kmcl_jax.benchmarks.{module}', *flags],
+    cwd=run_helpers.ROOT,
     env=env,
     check=True,
     timeout=300,
     capture_output=True,
+    text=True,
+  ).stdout
+
+
+def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
+  path = str(tmp_path / 'vs.json')
+  # One CPU device (not the session's eight): the step compiles faster.
+  _run_benchmark(
+    'vs_pytorch', '--smoke', f'--json={path}', env=run_helpers.env_without_forced_devices()
   )
   result = json.loads(Path(path).read_text())
   assert result['ratio'] == pytest.approx(
@@ -53,14 +58,7 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
 def test_input_pipeline_benchmark_measures_host_and_device_augmentation(tmp_path):
   path = tmp_path / 'pipeline.json'
   flags = ['--sizes=32', '--workers=0', '--seconds=0.2', '--batch_size=8', f'--json={path}']
-  out = subprocess.run(
-    [sys.executable, '-m', 'kmcl_jax.benchmarks.input_pipeline', *flags],
-    cwd=_ROOT,
-    check=True,
-    timeout=300,
-    capture_output=True,
-    text=True,
-  ).stdout
+  out = _run_benchmark('input_pipeline', *flags)
   for where in ('host', 'device'):
     (line,) = [x for x in out.splitlines() if f'32px {where} augmentation, workers=0' in x]
     assert line.endswith(' per core)'), line
@@ -73,13 +71,7 @@ def test_input_pipeline_benchmark_measures_host_and_device_augmentation(tmp_path
 def test_augment_device_benchmark_times_both_strategies_and_the_host(tmp_path):
   path = tmp_path / 'augment.json'
   flags = ['--sizes=16', '--batch_size=4', '--steps=1', '--host_seconds=0.1', f'--json={path}']
-  subprocess.run(
-    [sys.executable, '-m', 'kmcl_jax.benchmarks.augment_device', *flags],
-    cwd=_ROOT,
-    check=True,
-    timeout=300,
-    capture_output=True,
-  )
+  _run_benchmark('augment_device', *flags)
   rows = json.loads(path.read_text())['rows']
   cases = [(r['kind'], r['per_image']) for r in rows]
   assert cases == [('randaugment', True), ('randaugment', False), ('affine', True)]

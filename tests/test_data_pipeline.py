@@ -9,10 +9,9 @@ import data_fixtures as fx
 import jax
 import numpy as np
 import pytest
+import run_helpers
 
 from kmcl_jax.data import UnreadableImageError, get_source, pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Tagged:
@@ -169,9 +168,13 @@ def test_worker_batches_made_device_arrays_release_their_shared_memory(tmp_path)
   run (the resource tracker then warns of leaked shared_memory objects at exit)."""
   script = tmp_path / 'feed.py'
   script.write_text(_WORKERS_TO_DEVICE)
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   done = subprocess.run(
-    [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, str(script)],
+    cwd=run_helpers.ROOT,
+    env=run_helpers.env_without_forced_devices(),
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert done.returncode == 0, done.stderr
   assert 'leaked shared_memory' not in done.stderr, done.stderr

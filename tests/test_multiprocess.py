@@ -53,9 +53,9 @@ def env(tmp_path_factory):
   """Environment of the subprocesses: the signal hook importable; the launcher sets devices."""
   hook = tmp_path_factory.mktemp('hook')
   (hook / 'sitecustomize.py').write_text(_SITECUSTOMIZE)
-  environ = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  environ.update(PYTHONPATH=f'{hook}{os.pathsep}{ROOT}', PYTHON=sys.executable)
-  return environ
+  return run_helpers.env_without_forced_devices(
+    PYTHONPATH=f'{hook}{os.pathsep}{ROOT}', PYTHON=sys.executable
+  )
 
 
 def _run(command, env, **extra_env):
