@@ -2,14 +2,14 @@
 
   python -m kmcl_jax.benchmarks.augment_device [--sizes=224] [--batch_size=16] [--json=PATH]
 
-Times, on the first device, the jitted CutoutPIL + RandAugment of `kmcl_jax.data.augment_device`
-with both strategies of `rand_augment` (per image through a switch, the trainer's; and the
-whole batch through every op, then a select) and CutoutPIL + RandomAffine (ChestX-ray14), as
-images/s (median over --steps calls after a warm-up call, whose time is reported as compile
-time). Beside them, the host's PIL chain for the same augmentation in one thread (images
-already resized, as the device gets them). On an accelerator the device figure is what the
-step pays for `dataset.augment_device=on`; the host figure, times the cores feeding one
-device, is what `off` can deliver. Figures only: nothing here asserts on time.
+Times, on the first device, `kmcl_jax.data.augment_device.augment_batch` jitted: CutoutPIL +
+RandAugment with both strategies of `rand_augment` (per image through a switch, the trainer's;
+and the whole batch through every op, then a select) and CutoutPIL + RandomAffine
+(ChestX-ray14), as images/s (median over --steps calls after a warm-up call, whose time is
+reported as compile time). Beside them, the host's PIL chain for the same augmentation in one
+thread (images already resized, as the device gets them). On an accelerator the device figure
+is what the step pays for `dataset.augment_device=on`; the host figure, times the cores feeding
+one device, is what `off` can deliver. Figures only: nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -32,29 +32,22 @@ _HOST_SECONDS = flags.DEFINE_float('host_seconds', 3.0, 'measuring time of the h
 _JSON = flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 
 
-def _device_chain(kind: str, per_image: bool):
-  def chain(images, keys):
-    split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-    images = dev.cutout(images, split[:, 0])
-    if kind == 'randaugment':
-      return dev.rand_augment(images, split[:, 1], per_image=per_image)
-    return dev.random_affine(images, split[:, 1])
-
-  return jax.jit(chain)
-
-
 def device_rate(kind: str, per_image: bool, images: np.ndarray) -> dict[str, float]:
   """Compile seconds, median ms per call and images/s of one device chain."""
-  fn = _device_chain(kind, per_image)
+  fn = jax.jit(
+    lambda x, step, indices: dev.augment_batch(
+      x, kind=kind, seed=0, step=step, global_indices=indices, per_image=per_image
+    )
+  )
   x = jax.device_put(images, jax.devices()[0])
-  keys = [dev.example_keys(0, step, jnp.arange(len(images))) for step in range(_STEPS.value + 1)]
+  indices = jnp.arange(len(images))
   start = time.perf_counter()
-  jax.block_until_ready(fn(x, keys[0]))
+  jax.block_until_ready(fn(x, 0, indices))
   compile_s = time.perf_counter() - start
   times = []
-  for k in keys[1:]:
+  for step in range(1, _STEPS.value + 1):  # new draws each call, as in training
     start = time.perf_counter()
-    jax.block_until_ready(fn(x, k))
+    jax.block_until_ready(fn(x, step, indices))
     times.append(time.perf_counter() - start)
   ms = float(np.median(times)) * 1e3
   return {'compile_s': compile_s, 'ms_per_call': ms, 'images_per_s': len(images) / ms * 1e3}

@@ -449,7 +449,13 @@ def random_affine(images: jax.Array, keys: jax.Array) -> jax.Array:
 
 
 def augment_batch(
-  images: jax.Array, *, kind: str, seed: int, step, global_indices: jax.Array
+  images: jax.Array,
+  *,
+  kind: str,
+  seed: int,
+  step,
+  global_indices: jax.Array,
+  per_image: bool = True,
 ) -> jax.Array:
   """The host's train chain after the resize: CutoutPIL, then RandAugment or RandomAffine.
 
@@ -459,6 +465,7 @@ def augment_batch(
     seed: the run's seed.
     step: the train step (a traced int is fine).
     global_indices: int [N], each row's index in the global batch.
+    per_image: `rand_augment`'s strategy.
   """
   if kind not in host.AUGMENTS:
     raise ValueError(f'unknown augment {kind!r}; expected one of {host.AUGMENTS}')
@@ -468,7 +475,7 @@ def augment_batch(
   split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
   images = cutout(images, split[:, 0])
   if kind == 'randaugment':
-    return rand_augment(images, split[:, 1])
+    return rand_augment(images, split[:, 1], per_image=per_image)
   return random_affine(images, split[:, 1])
 
 
