@@ -6,17 +6,14 @@
 #          for an image without network the wheels folder below.
 # Call:    launch/benchmark_gpu.sh [OUT_DIR]        (default runs/benchmarks-<date>)
 # Env:     PYTHON (default .venv/bin/python if present, else python3);
-#          WHEELS (default wheels/): when this folder exists, the packages missing from the
-#          GPU image are installed from it with pip --no-index first.
+#          WHEELS (default wheels/): when this folder exists, its wheels (the packages the GPU
+#          image lacks, made by launch/gpu_wheels.sh) are installed first, as below.
 #
 # GPU images often ship jax and flax (e.g. jax 0.11.2 + flax 0.12.10) but not the rest of
-# requirements.txt. Make the wheels folder beforehand on a machine with network, for the
-# image's Python version and platform, e.g. for Python 3.12 on x86_64 Linux:
-#   pip download -d wheels --python-version 3.12 --platform manylinux2014_x86_64 \
-#       --only-binary=:all: $PACKAGES
-#   with PACKAGES as below, pinned as in requirements.txt (e.g. grain==0.2.18); pip download
-#   also fetches their dependencies. Packages the image already has are left as they are.
-# and copy it with the checkout. Nothing is downloaded here.
+# requirements.txt: make the wheels folder beforehand with launch/gpu_wheels.sh on a machine with
+# a package index, and copy it with the checkout. They are installed without their dependencies
+# into a folder put first on PYTHONPATH, so the image's own packages stay as they are. Nothing is
+# downloaded here.
 #
 # Writes:  in OUT_DIR,
 #   train_step_bf16_b64.json   TResNet-M 224 and TResNet-L 448, bf16, batch 64, step alone
@@ -38,13 +35,14 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 out=${1:-$root/runs/benchmarks-$(date +%Y%m%d-%H%M)}
 wheels=${WHEELS:-$root/wheels}
-PACKAGES='grain ml-collections simplejpeg tensorboardx array-record portpicker optax
-orbax-checkpoint absl-py tqdm pillow safetensors'
 mkdir -p "$out"
 cd "$root"
 
 if [[ -d "$wheels" ]]; then
-  "$PYTHON" -m pip install --quiet --no-index --find-links "$wheels" $PACKAGES
+  site=${TMPDIR:-/tmp}/kmcl_jax_site
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" \
+      "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The repository itself without touching the image's jax/flax.
 "$PYTHON" -c 'import kmcl_jax' 2>/dev/null || export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

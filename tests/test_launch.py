@@ -14,7 +14,14 @@ import run_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
-SCRIPTS = ('local_multiprocess.sh', 'gpu.sh', 'slurm.sbatch', 'tpu_vm.sh', 'benchmark_gpu.sh')
+SCRIPTS = (
+  'local_multiprocess.sh',
+  'gpu.sh',
+  'slurm.sbatch',
+  'tpu_vm.sh',
+  'benchmark_gpu.sh',
+  'gpu_wheels.sh',
+)
 
 
 _run = run_helpers.run_process_group
@@ -81,6 +88,85 @@ def test_gpu_script_passes_the_flags_and_sets_known_xla_flags(tmp_path):
     text=True,
   )
   assert check.returncode == 0, check.stderr
+
+
+# Parses a benchmark's command line with its own absl flags, without running it.
+_PARSE_FLAGS = """
+import importlib, sys
+from absl import flags
+importlib.import_module(sys.argv[1])
+flags.FLAGS(sys.argv[1:])
+"""
+
+
+def test_benchmark_gpu_script_installs_the_wheels_and_passes_valid_flags(tmp_path):
+  """The one GPU run a session may get must not be lost to a misspelt flag: every benchmark the
+  script calls parses its command line here (absl rejects unknown flags and bad values)."""
+  python = _recorder(tmp_path, 'python')
+  wheels = tmp_path / 'wheels'
+  wheels.mkdir()
+  wheel = wheels / 'grain-0.2.18-cp312-cp312-manylinux_2_28_x86_64.whl'
+  wheel.write_bytes(b'')
+  env = dict(os.environ, PYTHON=str(python), WHEELS=str(wheels), TMPDIR=str(tmp_path))
+  code, output = _run(
+    ['bash', os.path.join(LAUNCH, 'benchmark_gpu.sh'), str(tmp_path / 'out')], env
+  )
+  assert code == 0, output
+  calls = _calls(tmp_path, 'python')
+  assert calls[0][:3] == ['-m', 'pip', 'install'] and calls[0][-1] == str(wheel)
+  assert '--no-index' in calls[0] and '--no-deps' in calls[0]
+  assert calls[0][calls[0].index('--target') + 1] == str(tmp_path / 'kmcl_jax_site')
+  benchmarks = [call[1:] for call in calls if call[1].startswith('kmcl_jax.benchmarks.')]
+  modules = [call[0] for call in benchmarks]
+  assert sorted(set(modules)) == [
+    f'kmcl_jax.benchmarks.{name}'
+    for name in ('augment_device', 'input_pipeline', 'losses', 'train_step')
+  ]
+  assert len(modules) == 6
+  written = {
+    Path(arg.split('=', 1)[1]).name
+    for call in benchmarks
+    for arg in call
+    if arg.startswith('--json=')
+  }
+  assert len(written) == 6  # one JSON file per benchmark, none overwritten
+  for module, *flags in benchmarks:
+    check = subprocess.run(
+      [sys.executable, '-c', _PARSE_FLAGS, module, *flags],
+      cwd=ROOT,
+      timeout=120,
+      env=run_helpers.env_without_forced_devices(),
+      capture_output=True,
+      text=True,
+    )
+    assert check.returncode == 0, (module, flags, check.stderr[-2000:])
+
+
+def test_gpu_wheels_script_downloads_the_pinned_packages_without_dependencies(tmp_path):
+  python = _recorder(tmp_path, 'python')
+  code, output = _run(
+    ['bash', os.path.join(LAUNCH, 'gpu_wheels.sh'), str(tmp_path / 'wheels')],
+    dict(os.environ, PYTHON=str(python)),
+  )
+  assert code == 0, output
+  (call,) = _calls(tmp_path, 'python')
+  assert call[:3] == ['-m', 'pip', 'download'] and '--no-deps' in call
+  assert call[call.index('--python-version') + 1] == '3.12'
+  pins = dict(
+    line.split('==')
+    for line in Path(ROOT, 'requirements.txt').read_text().splitlines()
+    if '==' in line and ';' not in line
+  )
+  for name in (
+    'grain',
+    'ml-collections',
+    'simplejpeg',
+    'tensorboardx',
+    'optax',
+    'orbax-checkpoint',
+  ):
+    assert f'{name}=={pins[name]}' in call, name
+  assert 'array-record' in call and 'portpicker' in call
 
 
 def test_slurm_script_starts_one_process_per_node_with_the_distributed_flags(tmp_path):
