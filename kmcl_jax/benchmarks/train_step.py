@@ -272,6 +272,8 @@ def main(argv):
           'device': device_kind,
           'backend': jax.default_backend(),
           'host_cores': os.cpu_count(),
+          'jax': jax.__version__,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'rows': rows,
         },
         f,

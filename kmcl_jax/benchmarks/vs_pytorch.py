@@ -232,6 +232,7 @@ def compare(
     'torch': torch.__version__,
     'jax': jax.__version__,
     'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
 
 
