@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 
 from configs import synthetic
 
@@ -52,3 +53,16 @@ def run_process_group(command, env=None, **kwargs):
       pass
     proc.wait()
   return proc.returncode, output
+
+
+def python_stdout(*args, env=None, timeout=300):
+  """`python ARGS` in the repository root, which must succeed; returns its stdout."""
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    timeout=timeout,
+    capture_output=True,
+    text=True,
+  ).stdout

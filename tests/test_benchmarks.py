@@ -4,8 +4,6 @@ Nothing here looks at the figures (no timed assertions).
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,15 +29,7 @@ def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
 
 def _run_benchmark(module, *flags, env=None):
   """`python -m kmcl_jax.benchmarks.<module> FLAGS` to the end; returns its stdout."""
-  return subprocess.run(
-    [sys.executable, '-m', f'kmcl_jax.benchmarks.{module}', *flags],
-    cwd=run_helpers.ROOT,
-    env=env,
-    check=True,
-    timeout=300,
-    capture_output=True,
-    text=True,
-  ).stdout
+  return run_helpers.python_stdout('-m', f'kmcl_jax.benchmarks.{module}', *flags, env=env)
 
 
 def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):

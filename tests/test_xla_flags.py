@@ -1,8 +1,6 @@
 """The XLA flags `import kmcl_jax` adds: when, how they meet the user's, and what they change."""
 
 import os
-import subprocess
-import sys
 
 import run_helpers
 
@@ -56,15 +54,7 @@ for name, f, args in (('conv', lambda x, w: jax.lax.conv_general_dilated(
 
 def _library_of_each_op(xla_flags_value):
   env = run_helpers.env_without_forced_devices(XLA_FLAGS=xla_flags_value, JAX_PLATFORMS='cpu')
-  out = subprocess.run(
-    [sys.executable, '-c', _COMPILE],
-    cwd=run_helpers.ROOT,
-    env=env,
-    check=True,
-    timeout=120,
-    capture_output=True,
-    text=True,
-  ).stdout
+  out = run_helpers.python_stdout('-c', _COMPILE, env=env, timeout=120)
   return dict(line.split() for line in out.splitlines())
 
 
