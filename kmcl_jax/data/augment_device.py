@@ -417,8 +417,7 @@ def rand_augment(images: jax.Array, keys: jax.Array, *, per_image: bool = True) 
   'Augmentation on the device'). per_image=False: the same function under vmap, where the
   switch becomes "compute all 15 ops on the whole batch, select one": more arithmetic, but no
   sequential loop of small kernels and no control flow, which an accelerator may prefer.
-  Same result either way;
-  `python -m kmcl_jax.benchmarks.augment_device` times both.
+  Same result either way; `python -m kmcl_jax.benchmarks.augment_device` times both.
 
   Args:
     images: uint8 [N, H, W, 3].
