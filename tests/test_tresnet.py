@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from kmcl_jax import convert
-from kmcl_jax.models import KMCLModel, create_encoder
+from kmcl_jax.models import KMCLModel, create_encoder, tresnet
 
 RTOL = 1e-4  # max abs error <= RTOL * max |reference| (float32)
 
@@ -182,6 +182,40 @@ def test_train_eval_switch_batch_statistics():
     not np.allclose(old, new) for old, new in zip(jax.tree.leaves(before), stats(after_train))
   ]
   assert all(changed)
+
+
+@pytest.mark.parametrize('pinned', [True, False], ids=['pinned_layouts', 'xla_layouts'])
+def test_one_by_one_convolution_as_matmul_has_the_convolution_gradients(monkeypatch, pinned):
+  # apply_conv computes 1x1 convolutions as a matmul, whose backward pins its layouts on CPU
+  # (a hand-written VJP); the reference is nnx.Conv differentiated by JAX.
+  monkeypatch.setattr(tresnet, 'pin_layouts', lambda: pinned)
+  conv = nnx.Conv(16, 24, (1, 1), rngs=nnx.Rngs(0))
+  conv.bias[...] = jnp.linspace(-1.0, 1.0, 24)
+  graphdef, params = nnx.split(conv)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 5, 7, 16)), jnp.float32)
+  weights = jnp.asarray(rng.standard_normal((3, 5, 7, 24)), jnp.float32)
+
+  def loss(params, x, apply):
+    return jnp.sum(jnp.tanh(apply(nnx.merge(graphdef, params), x)) * weights)
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  got = jax.jit(grad, static_argnums=2)(params, x, tresnet.apply_conv)
+  want = grad(params, x, lambda layer, x: layer(x))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+  lowered = jax.jit(grad, static_argnums=2).lower(params, x, tresnet.apply_conv).as_text()
+  assert ('LayoutConstraint' in lowered) == pinned
+
+
+def test_encoder_gradient_pins_layouts_on_cpu():
+  encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(0), layers=(1, 1, 1, 1), width_factor=0.125)
+  encoder.eval()
+  graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x))
+  lowered = jax.jit(jax.grad(loss)).lower(params, jnp.zeros((1, 32, 32, 3))).as_text()
+  assert jax.default_backend() == 'cpu'
+  assert 'LayoutConstraint' in lowered
 
 
 def test_unknown_encoder_lists_valid_names():

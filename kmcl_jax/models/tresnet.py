@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.typing import DTypeLike
 
 from kmcl_jax.models import initializers
@@ -83,14 +84,50 @@ def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
   Same parameters and result; but XLA:CPU computes a 1x1 convolution's weight gradient as a
   convolution over the batch, transposing every activation gradient to [C, H, W, N] first
   (a fifth of the TResNet-M train step, BENCHMARKS.md), where a matmul contracts N, H, W
-  directly.
+  directly. On CPU the matmul's backward also pins its operands' layouts (`_matmul_pinned`).
   """
   if layer.kernel_size != (1, 1):
     return layer(x)
   kernel = layer.kernel[...]
   x, kernel = x.astype(layer.dtype), kernel.reshape(kernel.shape[-2:]).astype(layer.dtype)
-  y = jnp.matmul(x, kernel)
+  y = _matmul_pinned(x, kernel) if pin_layouts() else jnp.matmul(x, kernel)
   return y + layer.bias[...].astype(layer.dtype) if layer.bias is not None else y
+
+
+def pin_layouts() -> bool:
+  """Whether `apply_conv` pins the backward's layouts: on XLA:CPU, whose choice it corrects."""
+  return jax.default_backend() == 'cpu'
+
+
+def _row_major(x: jax.Array) -> jax.Array:
+  return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+@jax.custom_vjp
+def _matmul_pinned(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x @ kernel` whose backward keeps the activation and its gradient row-major.
+
+  Left alone, XLA:CPU's layout assignment feeds the weight-gradient matmul (contracting N, H, W)
+  a transposed copy of one operand, written by the fusion that produces it: the BatchNorm
+  backward, or the chain of residual adds and ReLUs recomputed from several blocks back. Such a
+  fusion reads all its inputs with a stride of C and ran 5-40x slower than the same fusion
+  written row-major. Pinned, each operand is written once in its natural layout and the matmul
+  reads it transposed itself (BENCHMARKS.md, 'Train step, CPU').
+  """
+  return jnp.matmul(x, kernel)
+
+
+def _matmul_pinned_fwd(x, kernel):
+  return jnp.matmul(x, kernel), (x, kernel)
+
+
+def _matmul_pinned_bwd(residuals, dy):
+  x, kernel = residuals
+  x, dy = _row_major(x), _row_major(dy)
+  return jnp.matmul(dy, kernel.T), jnp.einsum('...c,...d->cd', x, dy)
+
+
+_matmul_pinned.defvjp(_matmul_pinned_fwd, _matmul_pinned_bwd)
 
 
 class ConvNormAct(nnx.Module):
