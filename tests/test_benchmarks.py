@@ -27,6 +27,19 @@ def test_train_step_benchmark_smoke_writes_its_rows(tmp_path):
   assert row['mfu'] is None  # no peak FLOP/s for a CPU
 
 
+def test_train_step_benchmark_alternates_pinned_and_unpinned_layouts(tmp_path):
+  from kmcl_jax.models import tresnet
+
+  default = tresnet.pin_layouts
+  path = str(tmp_path / 'step.json')
+  with flagsaver.flagsaver(smoke=True, compare_pinned_layouts=True, json=path):
+    train_step.main([])
+  (row,) = json.loads(Path(path).read_text())['rows']
+  assert row['unpinned_step_ms'] > 0 and row['pinned_step_ms'] > 0
+  assert row['pinned_to_unpinned'] == round(row['pinned_step_ms'] / row['unpinned_step_ms'], 3)
+  assert tresnet.pin_layouts is default  # the comparison put the setting back
+
+
 def _run_benchmark(module, *flags, env=None):
   """`python -m kmcl_jax.benchmarks.<module> FLAGS` to the end; returns its stdout."""
   return run_helpers.python_stdout('-m', f'kmcl_jax.benchmarks.{module}', *flags, env=env)

@@ -5,6 +5,7 @@
       --batch_size=64 --dtype=bfloat16 --json=/tmp/step.json  # accelerator sizes
   python -m kmcl_jax.benchmarks.train_step --end_to_end          # + the whole training loop
   python -m kmcl_jax.benchmarks.train_step --smoke               # tiny model, seconds
+  python -m kmcl_jax.benchmarks.train_step --compare_pinned_layouts  # CPU A/B in one process
 
 For each model@size: `kmcl_jax.train.train_step` (KMCL head, paper objective, Adam, EMA) jitted
 as the trainer jits it, on a batch already on the devices. Compile time is lower + compile;
@@ -18,6 +19,11 @@ one (GPU), else XLA's buffer estimate for the compiled step.
 size (real input pipeline, `--workers` grain processes), with host augmentation
 (`dataset.augment_device='off'`) and device augmentation ('on'), and reports the images/s of
 the `--steps` steps that follow the first (compiling) one, next to the step alone.
+
+`--compare_pinned_layouts` also builds the step with and without the layout pins of the 1x1
+convolutions' backward (`kmcl_jax.models.tresnet.pin_layouts`, on by default on CPUs) and
+alternates the two, `--steps` calls each, in one process: machine noise that shifts whole
+processes (2-10% here) then cancels. Adds `unpinned_step_ms`, `pinned_step_ms` and their ratio.
 
 Prints a table; `--json=PATH` writes {"device": ..., "rows": [...]} with the keys printed.
 Figures only: nothing here asserts on time.
@@ -46,6 +52,9 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'timed steps (median reported)')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
 _END_TO_END = flags.DEFINE_bool('end_to_end', False, 'also time the whole training loop')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'grain worker processes for --end_to_end')
+_COMPARE_PINNED = flags.DEFINE_bool(
+  'compare_pinned_layouts', False, 'also alternate the step with and without the layout pins'
+)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'tiny model at 64 px, 3 steps (tests)')
 _JSON = flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 
@@ -216,6 +225,37 @@ def end_to_end(
   )
 
 
+def compare_pinned_layouts(config, num_classes: int, *, steps: int) -> dict[str, Any]:
+  """Median step times with and without `tresnet.pin_layouts`, alternated in one process."""
+  from kmcl_jax.models import tresnet  # pylint: disable=g-import-not-at-top
+
+  built = {}
+  default = tresnet.pin_layouts
+  try:
+    for pinned in (False, True):
+      tresnet.pin_layouts = lambda pinned=pinned: pinned  # read when the step is traced
+      step, state, batch = common.build_step(config, num_classes)
+      state, metrics = step(state, batch)  # traces and compiles now, under this setting
+      jax.block_until_ready(metrics)
+      built[pinned] = [step, state]
+  finally:
+    tresnet.pin_layouts = default
+  times = {False: [], True: []}
+  for i in range(steps):
+    for pinned in (False, True) if i % 2 == 0 else (True, False):  # either order equally often
+      step, state = built[pinned]
+      start = time.perf_counter()
+      built[pinned][1], metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times[pinned].append(time.perf_counter() - start)
+  unpinned, pinned = (1e3 * float(np.median(times[k])) for k in (False, True))
+  return dict(
+    unpinned_step_ms=round(unpinned, 2),
+    pinned_step_ms=round(pinned, 2),
+    pinned_to_unpinned=round(pinned / unpinned, 3),
+  )
+
+
 def _entries(models) -> list[tuple[str, int]]:
   out = []
   for entry in models:
@@ -250,6 +290,14 @@ def main(argv):
       f'({row["peak_card"] or "no peak for this device"})',
       flush=True,
     )
+    if _COMPARE_PINNED.value:
+      config = common.make_config(name, size, **settings)
+      row.update(compare_pinned_layouts(config, settings['num_classes'], steps=steps))
+      print(
+        f'{"":10s} layouts pinned / not pinned, alternated: {row["pinned_step_ms"]:.2f} / '
+        f'{row["unpinned_step_ms"]:.2f} ms = {row["pinned_to_unpinned"]:.3f}',
+        flush=True,
+      )
     if _END_TO_END.value:
       for augment_device in (False, True):
         e2e = end_to_end(
