@@ -40,13 +40,14 @@ lint: $(TESTDEPS)
 test: lint
 	$(PY) -m pytest -q tests
 
+# The CPU runs preload tcmalloc where the system has it (launch/tcmalloc.sh says why).
 demo: $(RUNTIME)
-	$(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
+	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 
 bench: $(RUNTIME)
-	$(PY) -m kmcl_jax.benchmarks.losses
-	$(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
-	$(PY) -m kmcl_jax.benchmarks.train_step
+	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.losses
+	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
+	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -324,3 +324,43 @@ def test_notebook_training_cell_runs_with_the_smoke_variant(tmp_path):
   )
   assert code == 0, output
   assert 'mAP' in output and 'selected step 3' in output
+
+
+TCMALLOC_CANDIDATES = (
+  '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
+  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
+  '/usr/lib64/libtcmalloc_minimal.so.4',
+)
+
+
+def _after_tcmalloc_snippet(command, **env_changes):
+  """Runs `. launch/tcmalloc.sh; COMMAND` in bash without LD_PRELOAD unless given; its stdout."""
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'KMCL_TCMALLOC')}
+  env.update(env_changes)
+  return subprocess.run(
+    ['bash', '-c', f'. launch/tcmalloc.sh; {command}'],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
+
+
+def test_tcmalloc_snippet_preloads_it_where_the_system_has_it():
+  installed = [path for path in TCMALLOC_CANDIDATES if os.path.exists(path)]
+  preload = _after_tcmalloc_snippet('printf %s "$LD_PRELOAD"')
+  assert preload == (installed[0] if installed else '')
+  if installed:  # the process started after it runs on tcmalloc, as the benchmarks report it
+    malloc = _after_tcmalloc_snippet(
+      f'{shlex.quote(sys.executable)} -c "from kmcl_jax.benchmarks import common; '
+      'print(common.malloc_name())"'
+    )
+    assert malloc.strip() == 'tcmalloc'
+
+
+def test_tcmalloc_snippet_leaves_a_set_preload_and_an_opt_out_alone():
+  assert _after_tcmalloc_snippet('printf %s "$LD_PRELOAD"', LD_PRELOAD='libother.so') == (
+    'libother.so'
+  )
+  assert _after_tcmalloc_snippet('printf %s "$LD_PRELOAD"', KMCL_TCMALLOC='0') == ''

@@ -268,7 +268,7 @@ def main(argv):
   device_kind = jax.devices()[0].device_kind
   print(
     f'device: {device_kind} ({jax.default_backend()}), {jax.device_count()} device(s), '
-    f'{os.cpu_count()} host cores'
+    f'{os.cpu_count()} host cores, malloc: {common.malloc_name()}'
   )
   if _SMOKE.value:
     entries, overrides, steps, warmup = [('tresnet_m', 64)], common.SMOKE_OVERRIDES, 3, 1
@@ -321,6 +321,7 @@ def main(argv):
           'host_cores': os.cpu_count(),
           'jax': jax.__version__,
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'malloc': common.malloc_name(),
           'rows': rows,
         },
         f,

@@ -233,6 +233,7 @@ def compare(
     'jax': jax.__version__,
     'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'malloc': common.malloc_name(),
   }
 
 
@@ -250,7 +251,7 @@ def main(argv):
   )
   print(
     f'{result["model"]} {result["image_size"]}px batch {result["batch_size"]} float32, '
-    f'{result["threads"]} threads, {jax.default_backend()}'
+    f'{result["threads"]} threads, {jax.default_backend()}, malloc: {result["malloc"]}'
   )
   print(
     f'kmcl_jax {1e3 * result["jax_step_s"]:9.1f} ms/step   '
