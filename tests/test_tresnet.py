@@ -218,6 +218,26 @@ def test_encoder_gradient_pins_layouts_on_cpu():
   assert 'LayoutConstraint' in lowered
 
 
+def _largest_fusion_inputs(layers):
+  """Inputs of the largest fusion in the compiled gradient of a tiny encoder with `layers`."""
+  encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(0), layers=layers, width_factor=0.125)
+  encoder.eval()
+  graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+  compiled = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 32, 32, 3))).compile().as_text()
+  headers = [line for line in compiled.splitlines() if line.startswith('%fused_computation')]
+  return max(header.count('param_') for header in headers)
+
+
+@pytest.mark.parametrize('pinned', [True, False], ids=['pinned_layouts', 'xla_layouts'])
+def test_block_outputs_keep_xla_cpu_from_recomputing_the_residual_chain(monkeypatch, pinned):
+  # Unpinned, XLA:CPU fuses the residual adds and ReLUs of all earlier blocks of a stage into
+  # each consumer of a block's output, so its largest fusion grows with the stage's depth.
+  monkeypatch.setattr(tresnet, 'pin_layouts', lambda: pinned)
+  inputs = {blocks: _largest_fusion_inputs((1, 1, blocks, 1)) for blocks in (2, 6)}
+  assert (inputs[6] > inputs[2]) == (not pinned), inputs
+
+
 def test_unknown_encoder_lists_valid_names():
   with pytest.raises(ValueError, match='tresnet_m.*tresnet_v2_l.*tresnet_xl'):
     create_encoder('tresnet_s', rngs=nnx.Rngs(0))

@@ -95,12 +95,24 @@ def apply_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
 
 
 def pin_layouts() -> bool:
-  """Whether `apply_conv` pins the backward's layouts: on XLA:CPU, whose choice it corrects."""
+  """Whether `apply_conv` and the blocks pin layouts: on XLA:CPU, whose choices they correct."""
   return jax.default_backend() == 'cpu'
 
 
 def _row_major(x: jax.Array) -> jax.Array:
   return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+def block_output(y: jax.Array) -> jax.Array:
+  """A residual block's output, pinned row-major on CPU so that XLA computes it once.
+
+  Left alone, XLA:CPU fuses the chain of residual adds and ReLUs of all the earlier blocks of a
+  stage into every consumer of a block's output, recomputing it there: fusions of up to 60
+  inputs in layer3 of TResNet-M, 19% of that stage's forward and backward. The pin is a
+  materialisation point the fusion passes respect (`lax.optimization_barrier` is not: XLA:CPU
+  removes it first). BENCHMARKS.md, 'Train step, CPU'.
+  """
+  return _row_major(y) if pin_layouts() else y
 
 
 @jax.custom_vjp
@@ -257,7 +269,7 @@ class BasicBlock(nnx.Module):
     out = self.conv2(self.conv1(x))
     if self.se is not None:
       out = self.se(out)
-    return jax.nn.relu(out + shortcut)
+    return block_output(jax.nn.relu(out + shortcut))
 
 
 class Bottleneck(nnx.Module):
@@ -282,7 +294,7 @@ class Bottleneck(nnx.Module):
     out = self.conv2(self.conv1(x))
     if self.se is not None:
       out = self.se(out)
-    return jax.nn.relu(self.conv3(out) + shortcut)
+    return block_output(jax.nn.relu(self.conv3(out) + shortcut))
 
 
 def _shortcut(
