@@ -20,8 +20,9 @@ size (real input pipeline, `--workers` grain processes), with host augmentation
 (`dataset.augment_device='off'`) and device augmentation ('on'), and reports the images/s of
 the `--steps` steps that follow the first (compiling) one, next to the step alone.
 
-`--compare_pinned_layouts` also builds the step with and without the layout pins of the 1x1
-convolutions' backward (`kmcl_jax.models.tresnet.pin_layouts`, on by default on CPUs) and
+`--compare_pinned_layouts` also builds the step with and without the layout pins (the 1x1
+convolutions' backward and the residual blocks' outputs: `kmcl_jax.models.tresnet.pin_layouts`,
+on by default on CPUs) and
 alternates the two, `--steps` calls each, in one process: machine noise that shifts whole
 processes (2-10% here) then cancels. Adds `unpinned_step_ms`, `pinned_step_ms` and their ratio.
 
