@@ -45,9 +45,9 @@ demo: $(RUNTIME)
 	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 
 bench: $(RUNTIME)
-	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.losses
-	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
-	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.train_step
+	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.losses \
+	  && $(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic \
+	  && $(PY) -m kmcl_jax.benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

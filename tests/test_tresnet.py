@@ -208,23 +208,26 @@ def test_one_by_one_convolution_as_matmul_has_the_convolution_gradients(monkeypa
   assert ('LayoutConstraint' in lowered) == pinned
 
 
-def test_encoder_gradient_pins_layouts_on_cpu():
-  encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(0), layers=(1, 1, 1, 1), width_factor=0.125)
+def _tiny_encoder_gradient(layers):
+  """(jitted gradient of a loss on a tiny eval-mode encoder with `layers`, its params)."""
+  encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(0), layers=layers, width_factor=0.125)
   encoder.eval()
   graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x))
-  lowered = jax.jit(jax.grad(loss)).lower(params, jnp.zeros((1, 32, 32, 3))).as_text()
+  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+  return jax.jit(jax.grad(loss)), params
+
+
+def test_encoder_gradient_pins_layouts_on_cpu():
+  grad, params = _tiny_encoder_gradient((1, 1, 1, 1))
+  lowered = grad.lower(params, jnp.zeros((1, 32, 32, 3))).as_text()
   assert jax.default_backend() == 'cpu'
   assert 'LayoutConstraint' in lowered
 
 
 def _largest_fusion_inputs(layers):
   """Inputs of the largest fusion in the compiled gradient of a tiny encoder with `layers`."""
-  encoder = create_encoder('tresnet_m', rngs=nnx.Rngs(0), layers=layers, width_factor=0.125)
-  encoder.eval()
-  graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
-  compiled = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 32, 32, 3))).compile().as_text()
+  grad, params = _tiny_encoder_gradient(layers)
+  compiled = grad.lower(params, jnp.ones((2, 32, 32, 3))).compile().as_text()
   headers = [line for line in compiled.splitlines() if line.startswith('%fused_computation')]
   return max(header.count('param_') for header in headers)
 

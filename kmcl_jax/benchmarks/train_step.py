@@ -266,10 +266,10 @@ def _entries(models) -> list[tuple[str, int]]:
 
 def main(argv):
   del argv
-  device_kind = jax.devices()[0].device_kind
+  device_kind, malloc = jax.devices()[0].device_kind, common.malloc_name()
   print(
     f'device: {device_kind} ({jax.default_backend()}), {jax.device_count()} device(s), '
-    f'{os.cpu_count()} host cores, malloc: {common.malloc_name()}'
+    f'{os.cpu_count()} host cores, malloc: {malloc}'
   )
   if _SMOKE.value:
     entries, overrides, steps, warmup = [('tresnet_m', 64)], common.SMOKE_OVERRIDES, 3, 1
@@ -322,7 +322,7 @@ def main(argv):
           'host_cores': os.cpu_count(),
           'jax': jax.__version__,
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'malloc': common.malloc_name(),
+          'malloc': malloc,
           'rows': rows,
         },
         f,
