@@ -40,12 +40,11 @@ lint: $(TESTDEPS)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The CPU runs preload tcmalloc where the system has it (launch/tcmalloc.sh says why).
 demo: $(RUNTIME)
-	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
+	$(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 
 bench: $(RUNTIME)
-	. launch/tcmalloc.sh && $(PY) -m kmcl_jax.benchmarks.losses \
+	$(PY) -m kmcl_jax.benchmarks.losses \
 	  && $(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic \
 	  && $(PY) -m kmcl_jax.benchmarks.train_step
 

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from kmcl_jax import experiment, train
+from kmcl_jax import allocator, experiment, train
 from kmcl_jax.models import summary
 
 CASES: dict[str, dict[str, object]] = {
@@ -158,5 +158,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   _define_flags()
   app.run(main)

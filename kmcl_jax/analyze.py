@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kmcl_jax import experiment, export as export_lib, losses
+from kmcl_jax import allocator, experiment, export as export_lib, losses
 from kmcl_jax.data import pipeline
 
 FIGURES = (
@@ -419,6 +419,7 @@ def main(argv):
 
 def run() -> None:
   """The `kmcl-analyze` command; flags are defined here, not on import."""
+  allocator.run_on_tcmalloc()
   _define_flags()
   app.run(main)
 

@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from kmcl_jax import (
+  allocator,
   checkpoint as checkpoint_lib,
   distributed,
   experiment,
@@ -579,6 +580,7 @@ def main(argv):
 def run() -> None:
   """The `kmcl-evaluate` command (flags are defined here, not on import: train.py imports this
   module beside main.py's flags)."""
+  allocator.run_on_tcmalloc()
   _define_flags()
   app.run(main)
 

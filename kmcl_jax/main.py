@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kmcl_jax import checkpoint, distributed, train, workdir
+from kmcl_jax import allocator, checkpoint, distributed, train, workdir
 from kmcl_jax.data import pipeline
 from kmcl_jax.data.base import UnreadableImageError
 
@@ -139,7 +139,7 @@ def main(argv):
   )
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one log of the run: process 0's; others warn
-  logging.info('%s', distributed.platform_line())
+  logging.info('%s; host malloc: %s', distributed.platform_line(), allocator.malloc_name())
   logging.info(
     '%s', distributed.batch_line(_CONFIG.value.batch_size, _CONFIG.value.eval_batch_size)
   )
@@ -168,6 +168,7 @@ def main(argv):
 
 def run() -> None:
   """Console entry point `kmcl-train`."""
+  allocator.run_on_tcmalloc()
   app.run(main, flags_parser=_parse_flags)
 
 

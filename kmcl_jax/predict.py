@@ -36,7 +36,7 @@ import tqdm
 from absl import app, flags, logging
 from flax import nnx
 
-from kmcl_jax import evaluate, export as export_lib
+from kmcl_jax import allocator, evaluate, export as export_lib
 from kmcl_jax.data import augment, base as data_base
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -225,6 +225,7 @@ def main(argv):
 
 def run() -> None:
   """The `kmcl-predict` command; flags are defined here, not on import."""
+  allocator.run_on_tcmalloc()
   _define_flags()
   app.run(main)
 

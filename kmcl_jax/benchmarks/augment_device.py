@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from kmcl_jax import allocator
 from kmcl_jax.data import augment as host, augment_device as dev
 
 _SIZES = flags.DEFINE_list('sizes', ['224'], 'image sizes')
@@ -96,4 +97,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   app.run(main)

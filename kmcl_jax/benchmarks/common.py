@@ -9,20 +9,6 @@ import numpy as np
 from flax import nnx
 
 SMOKE_OVERRIDES = {'width_factor': 0.125, 'layers': (1, 1, 1, 1)}
-_ALLOCATORS = ('tcmalloc', 'jemalloc', 'mimalloc')
-
-
-def malloc_name(maps_path: str = '/proc/self/maps') -> str:
-  """The malloc this process runs on: a preloaded allocator's name, else 'glibc'.
-
-  It moves CPU step times by 5-14% (launch/tcmalloc.sh), so every CPU figure names it.
-  """
-  try:
-    with open(maps_path) as f:
-      maps = f.read()
-  except OSError:  # not Linux
-    return 'unknown'
-  return next((name for name in _ALLOCATORS if f'lib{name}' in maps), 'glibc')
 
 
 def make_config(

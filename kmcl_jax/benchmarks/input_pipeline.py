@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from kmcl_jax import distributed, evaluate
+from kmcl_jax import allocator, distributed, evaluate
 from kmcl_jax.data import get_source, pipeline
 from kmcl_jax.data.base import decode_image
 
@@ -215,4 +215,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   app.run(main)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kmcl_jax import losses
+from kmcl_jax import allocator, losses
 
 _JSON = flags.DEFINE_string('json', None, 'Write the rows to this JSON file.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repetitions (median reported).')
@@ -147,4 +147,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   app.run(main)

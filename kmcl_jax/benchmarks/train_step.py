@@ -43,6 +43,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from kmcl_jax import allocator
 from kmcl_jax.benchmarks import common
 
 _MODELS = flags.DEFINE_list('models', ['tresnet_m@224'], 'model@image_size entries to measure')
@@ -266,7 +267,7 @@ def _entries(models) -> list[tuple[str, int]]:
 
 def main(argv):
   del argv
-  device_kind, malloc = jax.devices()[0].device_kind, common.malloc_name()
+  device_kind, malloc = jax.devices()[0].device_kind, allocator.malloc_name()
   print(
     f'device: {device_kind} ({jax.default_backend()}), {jax.device_count()} device(s), '
     f'{os.cpu_count()} host cores, malloc: {malloc}'
@@ -331,4 +332,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   app.run(main)

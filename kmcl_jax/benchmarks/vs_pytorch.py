@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from kmcl_jax import allocator
 from kmcl_jax.benchmarks import common
 
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'batch size')
@@ -233,7 +234,7 @@ def compare(
     'jax': jax.__version__,
     'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', ''),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'malloc': common.malloc_name(),
+    'malloc': allocator.malloc_name(),
   }
 
 
@@ -268,4 +269,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.run_on_tcmalloc()
   app.run(main)
