@@ -70,7 +70,8 @@ def run_on_tcmalloc(
   command's entry point, before its work starts; never from library code.
   """
   env = tcmalloc_environ(environ, paths)
-  if env is not None:
+  # An interactive session or a script read from stdin cannot be started again.
+  if env is not None and sys.argv[0] not in ('', '-'):
     sys.stdout.flush()  # exec drops what Python has buffered
     sys.stderr.flush()
     execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -50,6 +50,7 @@ def test_tcmalloc_environ_leaves_a_preload_an_opt_out_and_a_system_without_it_al
 def test_run_on_tcmalloc_restarts_the_same_command_line(libraries, monkeypatch):
   command = ['python3', '-X', 'dev', '-m', 'kmcl_jax.main', '--workdir=runs/x']
   monkeypatch.setattr(sys, 'orig_argv', command)
+  monkeypatch.setattr(sys, 'argv', ['/repo/kmcl_jax/main.py', '--workdir=runs/x'])
   calls = []
   allocator.run_on_tcmalloc(environ={'HOME': '/h'}, paths=libraries, execve=_record(calls))
   ((executable, argv, env),) = calls
@@ -57,6 +58,10 @@ def test_run_on_tcmalloc_restarts_the_same_command_line(libraries, monkeypatch):
   assert env['LD_PRELOAD'] == libraries[1] and env['HOME'] == '/h'
   calls.clear()  # where nothing changes, it returns and the command goes on as it is
   allocator.run_on_tcmalloc(environ={'KMCL_TCMALLOC': '0'}, paths=libraries, execve=_record(calls))
+  assert calls == []
+  for argv0 in ('', '-'):  # an interactive session, a script from stdin: nothing to restart
+    monkeypatch.setattr(sys, 'argv', [argv0])
+    allocator.run_on_tcmalloc(environ={}, paths=libraries, execve=_record(calls))
   assert calls == []
 
 
