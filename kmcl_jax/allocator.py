@@ -11,7 +11,8 @@ The allocator is chosen when a process starts, so it cannot be switched from Pyt
 commands (`kmcl-train`, `python -m kmcl_jax.main`, the benchmarks, ...) call `run_on_tcmalloc()`
 first, which restarts the same command line with tcmalloc preloaded where the system has it
 (`apt-get install libtcmalloc-minimal4`, `dnf install gperftools-libs`). Nothing happens where
-LD_PRELOAD is already set (another allocator, a profiler) or where KMCL_TCMALLOC=0.
+LD_PRELOAD is already set (another allocator, a profiler), where KMCL_TCMALLOC=0, or in an
+interactive session.
 """
 
 from __future__ import annotations
