@@ -44,9 +44,9 @@ demo: $(RUNTIME)
 	$(PY) -m kmcl_jax.main --config=configs/synthetic.py --workdir=runs/demo
 
 bench: $(RUNTIME)
-	$(PY) -m kmcl_jax.benchmarks.losses \
-	  && $(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic \
-	  && $(PY) -m kmcl_jax.benchmarks.train_step
+	$(PY) -m kmcl_jax.benchmarks.losses
+	$(PY) -m kmcl_jax.benchmarks.input_pipeline --source=synthetic
+	$(PY) -m kmcl_jax.benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from configs import synthetic
+from kmcl_jax import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESS_TIMEOUT_S = 900
@@ -29,6 +30,12 @@ def env_without_forced_devices(**changes):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env.update(changes)
   return env
+
+
+def expected_malloc(env):
+  """The malloc a kmcl_jax command started with `env` reports: tcmalloc where it restarts itself
+  on it (kmcl_jax/allocator.py), else the one this process runs on (it inherits LD_PRELOAD)."""
+  return 'tcmalloc' if allocator.tcmalloc_environ(env) is not None else allocator.malloc_name()
 
 
 def run_process_group(command, env=None, **kwargs):

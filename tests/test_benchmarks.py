@@ -10,7 +10,6 @@ import pytest
 import run_helpers
 from absl.testing import flagsaver
 
-from kmcl_jax import allocator
 from kmcl_jax.benchmarks import train_step
 
 
@@ -61,13 +60,7 @@ def test_vs_pytorch_smoke_writes_the_ratio(tmp_path):
     result['jax_step_s'] / result['torch_step_s'], rel=0.02
   )  # from unrounded medians
   assert result['jax_step_s'] > 0 and result['torch_step_s'] > 0
-  # The command restarted itself on tcmalloc where the system has it (kmcl_jax/allocator.py).
-  assert result['malloc'] == _expected_malloc(run_helpers.env_without_forced_devices())
-
-
-def _expected_malloc(env):
-  """What a command started with `env` runs on: tcmalloc if it restarts there, else ours."""
-  return 'tcmalloc' if allocator.tcmalloc_environ(env) is not None else allocator.malloc_name()
+  assert result['malloc'] == run_helpers.expected_malloc(run_helpers.env_without_forced_devices())
 
 
 def test_input_pipeline_benchmark_measures_host_and_device_augmentation(tmp_path):

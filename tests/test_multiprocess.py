@@ -21,7 +21,7 @@ import pytest
 import run_helpers
 
 from configs import synthetic
-from kmcl_jax import allocator, train
+from kmcl_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
@@ -216,8 +216,7 @@ def test_first_log_line_names_platform_and_batch_errors_name_the_split(env, tmp_
   code, output = _main(env, f'--workdir={tmp_path}', '--config.batch_size=12')
   assert code != 0
   lines = [line for line in output.splitlines() if line.startswith(('I1', 'W1', 'E1'))]
-  # The command restarted itself on tcmalloc where the system has it (kmcl_jax/allocator.py).
-  malloc = 'tcmalloc' if allocator.tcmalloc_environ(env) else allocator.malloc_name()
+  malloc = run_helpers.expected_malloc(env)
   assert lines[0].endswith(f'JAX platform cpu: 8 devices (cpu) on 1 process; host malloc: {malloc}')
   assert (
     'batch_size=12 (global) must be a positive multiple of the device count 8 (1 '
